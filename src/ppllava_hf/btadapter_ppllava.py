@@ -1,0 +1,139 @@
+"""BT-Adapter: a temporal branch beside the last layers of a CLIP vision tower.
+
+The branch reads the CLIP layer outputs of a clip of frames, adds time embeddings, and alternates temporal attention
+(each patch across frames) with spatial attention (each frame across patches). The hidden state the projector reads is
+then the CLIP CLS of each frame followed by the average of the CLIP and branch patch tokens.
+
+Token layout inside the branch: one shared CLS, then patches in (patch, frame) order, i.e. `(batch, 1 + P * T, dim)`.
+"""
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
+
+
+class PPLLaVADropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for a random subset of the leading dim in training."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return hidden_states
+        keep = 1.0 - self.rate
+        mask_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = torch.empty(mask_shape, dtype=hidden_states.dtype, device=hidden_states.device).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+
+class PPLLaVABTTemporalLayer(GradientCheckpointingLayer):
+    """Pre-LN attention of each patch over the frames, through `temporal_fc`, added to the patch tokens (CLS untouched)."""
+
+    def __init__(self, vision_config, drop_path_rate: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(vision_config.hidden_size)
+        self.self_attn = CLIPAttention(vision_config)
+        self.temporal_fc = nn.Linear(vision_config.hidden_size, vision_config.hidden_size)
+        self.drop_path = PPLLaVADropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+        cls_token, patches = hidden_states[:, :1], hidden_states[:, 1:]
+        batch, length, dim = patches.shape
+        per_patch = patches.reshape(batch * (length // num_frames), num_frames, dim)
+        attended, _ = self.self_attn(self.layer_norm1(per_patch))
+        update = self.temporal_fc(self.drop_path(attended)).reshape(batch, length, dim)
+        return torch.cat([cls_token, patches + update], dim=1)
+
+
+class PPLLaVABTSpatialLayer(GradientCheckpointingLayer):
+    """Pre-LN attention of each frame over its patches (the shared CLS joins every frame and is averaged back), then an MLP."""
+
+    def __init__(self, vision_config, drop_path_rate: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(vision_config.hidden_size)
+        self.self_attn = CLIPAttention(vision_config)
+        self.layer_norm2 = nn.LayerNorm(vision_config.hidden_size)
+        self.mlp = CLIPMLP(vision_config)
+        self.drop_path = PPLLaVADropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+        batch, length, dim = hidden_states.shape
+        num_patches = (length - 1) // num_frames
+        cls_per_frame = hidden_states[:, :1].expand(batch, num_frames, dim).reshape(batch * num_frames, 1, dim)
+        frames = hidden_states[:, 1:].reshape(batch, num_patches, num_frames, dim).transpose(1, 2)
+        frames = torch.cat([cls_per_frame, frames.reshape(batch * num_frames, num_patches, dim)], dim=1)
+        attended, _ = self.self_attn(self.layer_norm1(frames))
+        attended = self.drop_path(attended).reshape(batch, num_frames, num_patches + 1, dim)
+        cls_update = attended[:, :, :1].mean(dim=1)
+        patch_update = attended[:, :, 1:].transpose(1, 2).reshape(batch, num_patches * num_frames, dim)
+        hidden_states = hidden_states + torch.cat([cls_update, patch_update], dim=1)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class PPLLaVABTAdapter(nn.Module):
+    """The BT-Adapter branch of the last `depth` CLIP layers, with its time embeddings and its own CLS token."""
+
+    def __init__(self, vision_config, depth: int, max_frames: int, drop_path_rate: float):
+        super().__init__()
+        self.depth = depth
+        spatial_rates = np.linspace(0.0, drop_path_rate, depth)
+        self.spatial_layers = nn.ModuleList(
+            PPLLaVABTSpatialLayer(vision_config, float(rate)) for rate in spatial_rates
+        )
+        # The original hands its layer index to the wrong constructor argument, so every temporal layer uses the full rate.
+        self.temporal_layers = nn.ModuleList(
+            PPLLaVABTTemporalLayer(vision_config, drop_path_rate) for _ in range(depth)
+        )
+        self.time_embedding = nn.Embedding(max_frames, vision_config.hidden_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, vision_config.hidden_size))
+
+    @property
+    def max_frames(self) -> int:
+        return self.time_embedding.num_embeddings
+
+    def _branch_input(self, clip_states: torch.Tensor, position_embedding: torch.Tensor) -> torch.Tensor:
+        """First branch layer input from CLIP output `(batch, frames, 1 + P, dim)`: patches + CLIP positions + time
+        embeddings, CLS = mean of (frame-averaged CLIP CLS) and (own CLS + CLIP position 0)."""
+        batch, num_frames, length, dim = clip_states.shape
+        patches = clip_states[:, :, 1:] + position_embedding[1:length]
+        times = self.time_embedding(torch.arange(num_frames, device=clip_states.device))
+        patches = (patches + times[None, :, None]).transpose(1, 2).reshape(batch, (length - 1) * num_frames, dim)
+        own_cls = (self.cls_token + position_embedding[0]).expand(batch, 1, dim)
+        cls_token = (clip_states[:, :, :1].mean(dim=1) + own_cls) / 2
+        return torch.cat([cls_token, patches], dim=1)
+
+    @staticmethod
+    def _clip_in_branch_layout(clip_states: torch.Tensor) -> torch.Tensor:
+        """CLIP output `(batch, frames, 1 + P, dim)` as branch tokens: frame-averaged CLS, then (patch, frame) order."""
+        batch, num_frames, length, dim = clip_states.shape
+        patches = clip_states[:, :, 1:].transpose(1, 2).reshape(batch, (length - 1) * num_frames, dim)
+        return torch.cat([clip_states[:, :, :1].mean(dim=1), patches], dim=1)
+
+    def forward(self, clip_states: list[torch.Tensor], position_embedding: torch.Tensor) -> torch.Tensor:
+        """Combine the branch with the CLIP hidden state at the last entry of `clip_states`.
+
+        Args:
+            clip_states: outputs of consecutive CLIP layers, starting with the first layer the branch sits beside, each
+                `(batch, frames, 1 + P, dim)`; one branch layer runs per entry.
+            position_embedding: the CLIP vision position table `(1 + P, dim)`.
+
+        Returns:
+            `(batch, frames, 1 + P, dim)`: each frame's CLIP CLS, then (CLIP patches + branch patches) / 2.
+        """
+        num_frames = clip_states[0].shape[1]
+        branch = None
+        for index, states in enumerate(clip_states):
+            if branch is None:
+                branch = self._branch_input(states, position_embedding)
+            else:
+                branch = branch + self._clip_in_branch_layout(states)
+            branch = self.temporal_layers[index](branch, num_frames)
+            branch = self.spatial_layers[index](branch, num_frames)
+        last = clip_states[-1]
+        batch, _, length, dim = last.shape
+        branch_patches = branch[:, 1:].reshape(batch, length - 1, num_frames, dim).transpose(1, 2)
+        return torch.cat([last[:, :, :1], (last[:, :, 1:] + branch_patches) / 2], dim=2)

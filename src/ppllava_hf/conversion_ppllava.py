@@ -1,0 +1,285 @@
+"""Conversion of checkpoints saved by the original PPLLaVA code (`LlavaInterleaveForConditionalGeneration`) to PPLLaVA-HF.
+
+Two original layouts exist: `llava_next` (CLIP ViT-L/14-336 + BT-Adapter + Vicuna) and `llava_onevision` (SigLIP + Qwen2).
+Both keep their weights under `vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.*` and
+`image_newline`. Every original key is renamed by exactly one rule below or dropped by a rule that says why; anything
+else is an error, as is a key of ours that no original key fills or a shape that does not match.
+"""
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .configuration_ppllava import PPLLaVAConfig
+from .modeling_ppllava import PPLLaVAForConditionalGeneration
+
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_PROMPT_KEEP_POSITIONS = 20
+ORIGINAL_PROMPT_STRETCH = 4
+
+_PROMPT = "model.prompt_alignment"
+_OURS = r"\g<rest>"
+
+# (pattern, replacement); a replacement of None drops the key. The first matching rule wins.
+KEY_RULES: list[tuple[str, str | None]] = [
+    (r"^language_model\.model\.(?P<rest>.+)$", "model.language_model." + _OURS),
+    (r"^language_model\.lm_head\.(?P<rest>.+)$", "lm_head." + _OURS),
+    (r"^image_newline$", "model.image_newline"),
+    # BT-Adapter branch, which the original keeps inside its CLIP vision transformer.
+    (r"^vision_tower\.vision_model\.btadapter_S_layers\.(?P<rest>.+)$", "model.btadapter.spatial_layers." + _OURS),
+    (r"^vision_tower\.vision_model\.btadapter_T_layers\.(?P<rest>.+)$", "model.btadapter.temporal_layers." + _OURS),
+    (r"^vision_tower\.vision_model\.btadapter_time_embed\.weight$", "model.btadapter.time_embedding.weight"),
+    (r"^vision_tower\.vision_model\.btadapter_cls_token$", "model.btadapter.cls_token"),
+    # transformers v5 vision models have no `vision_model` wrapper.
+    (r"^vision_tower\.vision_model\.(?P<rest>.+)$", "model.vision_tower." + _OURS),
+    (r"^multi_modal_projector\.linear_(?P<rest>[12]\..+)$", "model.multi_modal_projector.linear_" + _OURS),
+    # Extended prompt positions: `position_embedding` (frozen) is our base table, `_res` the trainable residual.
+    (r"^multi_modal_projector\.clip_text_model\.embeddings\.position_embedding$",
+     _PROMPT + ".text_model.embeddings.position_embedding_base"),
+    (r"^multi_modal_projector\.clip_text_model\.embeddings\.position_embedding_res$",
+     _PROMPT + ".text_model.embeddings.position_embedding_residual"),
+    # Position-id buffers are rebuilt from the config; they carry no weights.
+    (r"^.*\.position_ids$", None),
+    (r"^multi_modal_projector\.clip_text_model\.(?P<rest>.+)$", _PROMPT + ".text_model." + _OURS),
+    (r"^multi_modal_projector\.clip_text_projection\.(?P<rest>.+)$", _PROMPT + ".text_projection." + _OURS),
+    (r"^multi_modal_projector\.clip_visual_projection\.(?P<rest>.+)$", _PROMPT + ".visual_projection." + _OURS),
+    (r"^multi_modal_projector\.clip_visual_ln\.(?P<rest>.+)$", _PROMPT + ".visual_layernorm." + _OURS),
+    (r"^multi_modal_projector\.logit_scale$", _PROMPT + ".logit_scale"),
+    (r"^multi_modal_projector\.logit_bias$", _PROMPT + ".logit_bias"),
+    # SigLIP per-patch head: PPLLaVA reads only the value rows of the attention input projection (split below), the
+    # layernorm and the MLP. The probe, the query/key rows and the output projection serve the pooled probe output,
+    # which PPLLaVA never uses.
+    (r"^multi_modal_projector\.clip_visual_head\.attention\.in_proj_(?P<rest>weight|bias)$",
+     _PROMPT + ".visual_projection.value_proj." + _OURS),
+    (r"^multi_modal_projector\.clip_visual_head\.probe$", None),
+    (r"^multi_modal_projector\.clip_visual_head\.attention\.out_proj\..+$", None),
+    (r"^multi_modal_projector\.clip_visual_head\.(?P<rest>(layernorm|mlp)\..+)$", _PROMPT + ".visual_projection." + _OURS),
+    # Rotary caches of old Llama checkpoints are recomputed.
+    (r"^.*\.rotary_emb\.inv_freq$", None),
+]
+
+_VALUE_ROWS_KEY = re.compile(r"^multi_modal_projector\.clip_visual_head\.attention\.in_proj_(weight|bias)$")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not convert: unknown, missing or mis-shaped keys, or an unsupported original setting."""
+
+
+def convert_key(key: str) -> str | None:
+    """Our name for an original key, or None when the key is dropped on purpose."""
+    for pattern, replacement in KEY_RULES:
+        match = re.match(pattern, key)
+        if match:
+            return None if replacement is None else match.expand(replacement)
+    raise ConversionError(f"No conversion rule for the original key {key!r}.")
+
+
+def convert_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Tensor content changes some keys need: the value rows of SigLIP's packed attention input projection."""
+    if _VALUE_ROWS_KEY.match(key):
+        dim = tensor.shape[0] // 3
+        return tensor[2 * dim :].clone()
+    return tensor
+
+
+def _stretched_positions(source_positions: int) -> int:
+    return ORIGINAL_PROMPT_KEEP_POSITIONS + ORIGINAL_PROMPT_STRETCH * (source_positions - ORIGINAL_PROMPT_KEEP_POSITIONS)
+
+
+def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
+    """PPLLaVA-HF config from an original `config.json` and the config of the CLIP/SigLIP model in its `clip_weight`."""
+    if original.get("pooling") != "ppllava":
+        raise ConversionError(
+            f"Only prompt-guided pooling checkpoints convert (`pooling: ppllava`), this one has pooling={original.get('pooling')!r}."
+        )
+    layout = original.get("model_type")
+    if layout not in ("llava_next", "llava_onevision"):
+        raise ConversionError(f"Unknown original layout model_type={layout!r}; expected 'llava_next' or 'llava_onevision'.")
+    vision = {k: v for k, v in original["vision_config"].items() if k not in ("depth", "max_T")}
+    prompt = dict(prompt_source["text_config"])
+    if original.get("extend_clip", False):
+        prompt["max_position_embeddings"] = _stretched_positions(prompt.get("max_position_embeddings", _default_prompt_length(prompt)))
+    if prompt.get("model_type") == "clip_text_model":
+        prompt.setdefault("projection_dim", prompt_source.get("projection_dim", 512))
+        vision["projection_dim"] = prompt["projection_dim"]
+    siglip = prompt.get("model_type") == "siglip_text_model"
+    video_kernel = original.get("pooling_kernel")
+    video_stride = original.get("pooling_stride")
+    image_kernel = original.get("image_pooling_kernel") or video_kernel
+    image_stride = original.get("image_pooling_stride") or video_stride
+    output_size = original.get("pllava_pooling_shape") if video_kernel is None else None
+    image_token_id = original["image_token_index"]
+    video_token_id = original.get("video_token_index") or image_token_id + 1
+    config = PPLLaVAConfig(
+        vision_config=vision,
+        text_config=original["text_config"],
+        prompt_encoder_config=prompt,
+        prompt_keep_positions=ORIGINAL_PROMPT_KEEP_POSITIONS,
+        # The original's SigLIP path runs its text tower with gradient, its CLIP path without.
+        freeze_prompt_encoder=not siglip,
+        video_pooling_kernel=video_kernel,
+        video_pooling_stride=video_stride,
+        video_pooling_output_size=output_size,
+        image_pooling_kernel=image_kernel,
+        image_pooling_stride=image_stride,
+        pooling_temperature=original.get("pooling_temp", 0.01),
+        use_btadapter=bool(original.get("btadapter", False)),
+        btadapter_depth=original.get("btadapter_depth", 4),
+        btadapter_max_frames=original.get("max_T", 64),
+        vision_feature_layer=original.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=original.get("vision_feature_select_strategy", "default"),
+        projector_hidden_act=original.get("projector_hidden_act", "gelu"),
+        image_grid_pinpoints=original.get("image_grid_pinpoints"),
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        ignore_index=original.get("ignore_index", -100),
+        tie_word_embeddings=original.get("tie_word_embeddings", False),
+    )
+    frame_shape = original.get("frame_shape")
+    if frame_shape is not None and list(frame_shape) != list(config.patch_grid):
+        raise ConversionError(
+            f"frame_shape={frame_shape} disagrees with the vision tower's {config.patch_grid} patch grid."
+        )
+    if video_token_id >= config.text_config.vocab_size:
+        raise ConversionError(
+            f"No free embedding row for the video placeholder: id {video_token_id} >= vocab size "
+            f"{config.text_config.vocab_size}."
+        )
+    return config
+
+
+def _default_prompt_length(prompt: dict) -> int:
+    return 64 if prompt.get("model_type") == "siglip_text_model" else 77
+
+
+def expected_state(config: PPLLaVAConfig) -> dict[str, torch.Size]:
+    """Every key our model loads, with its shape (built on the meta device, so nothing is allocated)."""
+    with torch.device("meta"):
+        model = PPLLaVAForConditionalGeneration(config)
+    state = {key: tensor.shape for key, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+@dataclass
+class ShardPlan:
+    """Original weight files of a checkpoint folder, in order."""
+
+    files: list[str]
+
+    @classmethod
+    def from_folder(cls, folder: str, allow_pickle: bool = False) -> "ShardPlan":
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as handle:
+                files = sorted(set(json.load(handle)["weight_map"].values()))
+            return cls([os.path.join(folder, name) for name in files])
+        safetensors_files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
+        if safetensors_files:
+            return cls([os.path.join(folder, name) for name in safetensors_files])
+        pickle_files = sorted(name for name in os.listdir(folder) if name.endswith(".bin"))
+        if pickle_files and not allow_pickle:
+            raise ConversionError(
+                f"{folder} holds only pickle weights ({', '.join(pickle_files)}). Pickle files can run code when loaded; "
+                "convert them only if you trust their source, with allow_pickle=True (--allow-pickle), which loads them "
+                "with torch.load(weights_only=True)."
+            )
+        if not pickle_files:
+            raise ConversionError(f"No weights (*.safetensors or *.bin) in {folder}.")
+        return cls([os.path.join(folder, name) for name in pickle_files])
+
+
+def iter_original_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one weight file, one at a time for safetensors."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                yield key, handle.get_tensor(key)
+    else:
+        yield from torch.load(path, map_location="cpu", weights_only=True).items()
+
+
+def convert_weights(
+    input_folder: str,
+    output_folder: str,
+    config: PPLLaVAConfig,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> dict[str, str]:
+    """Convert the weights shard by shard (one input shard in memory at a time) into safetensors shards of our layout.
+
+    Returns the weight map (our key -> output file). Raises `ConversionError` listing every unknown, missing or
+    mis-shaped key; nothing is written unless all keys check out.
+    """
+    expected = expected_state(config)
+    plan = ShardPlan.from_folder(input_folder, allow_pickle=allow_pickle)
+    seen: dict[str, torch.Size] = {}
+    unknown = []
+    for path in plan.files:
+        for key, tensor in iter_original_tensors(path):
+            try:
+                ours = convert_key(key)
+            except ConversionError:
+                unknown.append(key)
+                continue
+            if ours is not None:
+                seen[ours] = convert_tensor(key, tensor).shape if _VALUE_ROWS_KEY.match(key) else tensor.shape
+    _check_keys(seen, expected, unknown)
+
+    os.makedirs(output_folder, exist_ok=True)
+    weight_map = {}
+    names = _output_names(len(plan.files))
+    for path, name in zip(plan.files, names):
+        converted = {}
+        for key, tensor in iter_original_tensors(path):
+            ours = convert_key(key)
+            if ours is None:
+                continue
+            tensor = convert_tensor(key, tensor)
+            converted[ours] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+        save_file(converted, os.path.join(output_folder, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(converted, name))
+        del converted
+    if len(names) > 1:
+        total = sum(os.path.getsize(os.path.join(output_folder, name)) for name in names)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(output_folder, "model.safetensors.index.json"), "w") as handle:
+            json.dump(index, handle, indent=2)
+    return weight_map
+
+
+def _output_names(num_shards: int) -> list[str]:
+    if num_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def _check_keys(seen: dict[str, torch.Size], expected: dict[str, torch.Size], unknown: list[str]) -> None:
+    problems = []
+    if unknown:
+        problems.append("original keys no rule knows: " + ", ".join(sorted(unknown)))
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        problems.append("keys of the PPLLaVA-HF model no original key fills: " + ", ".join(missing))
+    unexpected = sorted(set(seen) - set(expected))
+    if unexpected:
+        problems.append("converted keys the PPLLaVA-HF model does not have: " + ", ".join(unexpected))
+    mismatched = [
+        f"{key} {tuple(seen[key])} vs {tuple(expected[key])}"
+        for key in sorted(set(seen) & set(expected))
+        if tuple(seen[key]) != tuple(expected[key])
+    ]
+    if mismatched:
+        problems.append("shape mismatches (converted vs expected): " + ", ".join(mismatched))
+    if problems:
+        raise ConversionError("The checkpoint does not convert:\n- " + "\n- ".join(problems))

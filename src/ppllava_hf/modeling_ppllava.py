@@ -1,0 +1,677 @@
+"""PPLLaVA models: vision tower (+ BT-Adapter), vision-prompt alignment, prompt-guided pooling, projector and a causal LM."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+
+from .alignment_ppllava import PPLLaVAVisionPromptAlignment
+from .anyres_ppllava import num_anyres_tiles, num_image_tokens, pack_image_tokens
+from .btadapter_ppllava import PPLLaVABTAdapter
+from .configuration_ppllava import PPLLaVAConfig
+from .pooling_ppllava import PoolingPlan, PPLLaVAPromptGuidedPooling, plan_image_pooling, plan_video_pooling
+
+
+@dataclass
+class PPLLaVAVisualOutput(BaseModelOutputWithPooling):
+    r"""
+    pooler_output (`list[torch.Tensor]`):
+        One `(num_tokens, text_hidden_size)` tensor per video or image: the visual tokens that replace its placeholders.
+    relevance (`list[torch.Tensor]`):
+        One `(frames_or_tiles, rows, columns)` float32 tensor per video or image: the prompt relevance of every patch
+        (a softmax over all of them), which weighted the pooling.
+    pooling_plans (`list[PoolingPlan]`):
+        The pooling windows used for each video or image.
+    """
+
+    relevance: list[torch.Tensor] | None = None
+    pooling_plans: list[PoolingPlan] | None = None
+
+
+@dataclass
+class PPLLaVAModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.Tensor`, *optional*):
+        `(num_image_tokens, hidden_size)`: the visual tokens scattered into the image placeholders.
+    video_hidden_states (`torch.Tensor`, *optional*):
+        `(num_video_tokens, hidden_size)`: the visual tokens scattered into the video placeholders.
+    """
+
+    image_hidden_states: torch.Tensor | None = None
+    video_hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class PPLLaVACausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.Tensor`, *optional*): next-token loss, when `labels` are given.
+    logits (`torch.Tensor`): `(batch, sequence, vocab)` scores.
+    past_key_values (`Cache`, *optional*): the language model's KV cache.
+    hidden_states, attentions (`tuple[torch.Tensor]`, *optional*): language model internals when requested.
+    image_hidden_states, video_hidden_states (`torch.Tensor`, *optional*): the visual tokens that were scattered in.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    video_hidden_states: torch.Tensor | None = None
+
+
+class PPLLaVAMultiModalProjector(nn.Module):
+    """Two-layer projector from vision to LLM hidden size, with an optional pooling step before the second layer.
+
+    Pooling before `linear_2` gives the same tokens as pooling after it (the window weights sum to one and `linear_2` is
+    affine) while running the widest matmul on the pooled tokens only.
+    """
+
+    def __init__(self, config: PPLLaVAConfig):
+        super().__init__()
+        text_hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, text_hidden, bias=config.multimodal_projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=config.multimodal_projector_bias)
+
+    def forward(self, features: torch.Tensor, pool=None) -> torch.Tensor:
+        hidden = self.act(self.linear_1(features))
+        if pool is not None:
+            hidden = pool(hidden)
+        return self.linear_2(hidden)
+
+
+class PPLLaVAPreTrainedModel(PreTrainedModel):
+    config: PPLLaVAConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["PPLLaVABTAdapter", "PPLLaVAVisionPromptAlignment"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, PPLLaVAModel):
+            init.normal_(module.image_newline, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
+        elif isinstance(module, PPLLaVAVisionPromptAlignment):
+            embeddings = module.text_model.embeddings
+            init.normal_(embeddings.position_embedding_base, mean=0.0, std=std)
+            init.copy_(embeddings.position_embedding_residual, embeddings.position_embedding_base)
+            # CLIP's and SigLIP's own initial temperature and bias.
+            init.constant_(module.logit_scale, math.log(10.0) if module.is_siglip else math.log(1 / 0.07))
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, -10.0)
+        elif isinstance(module, PPLLaVABTAdapter):
+            init.zeros_(module.cls_token)
+            # Zero temporal projections make the fresh branch an identity on the patch tokens, as in the original.
+            for layer in module.temporal_layers:
+                init.zeros_(layer.temporal_fc.weight)
+                init.zeros_(layer.temporal_fc.bias)
+
+
+class PPLLaVAModel(PPLLaVAPreTrainedModel):
+    """PPLLaVA without its LM head: visual tokens pooled under the guidance of the prompt, scattered into the text."""
+
+    def __init__(self, config: PPLLaVAConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.btadapter = (
+            PPLLaVABTAdapter(
+                config.vision_config, config.btadapter_depth, config.btadapter_max_frames, config.btadapter_drop_path_rate
+            )
+            if config.use_btadapter
+            else None
+        )
+        self.prompt_alignment = PPLLaVAVisionPromptAlignment(config)
+        self.pooling = PPLLaVAPromptGuidedPooling(config.pooling_temperature)
+        self.multi_modal_projector = PPLLaVAMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Token counts (the same arithmetic as the processor's placeholder expansion)
+
+    def video_pooling_plan(self, num_frames: int, max_visual_tokens: int | None = None) -> PoolingPlan:
+        """Pooling windows for a `num_frames`-frame video under the config (and an optional per-call token budget)."""
+        config = self.config
+        return plan_video_pooling(
+            num_frames,
+            config.patch_grid,
+            config.video_pooling_kernel,
+            config.video_pooling_stride,
+            config.video_pooling_output_size,
+            max_visual_tokens if max_visual_tokens is not None else config.max_visual_tokens,
+        )
+
+    def image_pooling_plan(self, num_tiles: int) -> PoolingPlan:
+        """Pooling windows for an anyres image of `num_tiles` tiles."""
+        config = self.config
+        return plan_image_pooling(
+            num_tiles, config.patch_grid, config.image_pooling_kernel, config.image_pooling_stride,
+            config.image_pooling_output_size,
+        )
+
+    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
+        """Visual tokens of an image of `image_size` (height, width)."""
+        tiles = num_anyres_tiles(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        pooled = self.image_pooling_plan(tiles).output_size[1:]
+        return num_image_tokens(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size, pooled)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Vision tower (+ BT-Adapter)
+
+    def _feature_state_index(self) -> int:
+        return self.config.vision_feature_layer % (self.config.vision_config.num_hidden_layers + 1)
+
+    def _btadapter_state_indices(self) -> list[int]:
+        """Indices of the CLIP hidden states the BT-Adapter reads to build the selected state (empty: it does not reach it)."""
+        if self.btadapter is None:
+            return []
+        first = self.config.vision_config.num_hidden_layers - self.btadapter.depth + 1
+        return list(range(first, self._feature_state_index() + 1))
+
+    def _run_vision_tower(self, frames: torch.Tensor, state_indices: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states `state_indices` of the vision tower for `frames` `(num_frames, 3, H, W)`, in frame chunks."""
+        chunk = self.config.vision_chunk_frames or frames.shape[0]
+        collected = {index: [] for index in state_indices}
+        dtype = self.vision_tower.dtype
+        for start in range(0, frames.shape[0], chunk):
+            hidden_states = self.vision_tower(frames[start : start + chunk].to(dtype), output_hidden_states=True).hidden_states
+            for index in state_indices:
+                collected[index].append(hidden_states[index])
+        return {index: torch.cat(states) for index, states in collected.items()}
+
+    def _apply_btadapter(self, layer_states: list[torch.Tensor], clip_lengths: list[int]) -> torch.Tensor:
+        """BT-Adapter combined state for frames grouped in clips; clips longer than the time table run per chunk."""
+        max_frames = self.btadapter.max_frames
+        segments = []
+        start = 0
+        for length in clip_lengths:
+            num_chunks = math.ceil(length / max_frames)
+            sizes = [length // num_chunks + (i < length % num_chunks) for i in range(num_chunks)]
+            for size in sizes:
+                segments.append((start, size))
+                start += size
+        combined = torch.empty_like(layer_states[-1])
+        position_embedding = self.vision_tower.embeddings.position_embedding.weight
+        for size in sorted({size for _, size in segments}):
+            starts = [s for s, n in segments if n == size]
+            index = torch.tensor([s + offset for s in starts for offset in range(size)], device=combined.device)
+            grouped = [states[index].unflatten(0, (len(starts), size)) for states in layer_states]
+            combined[index] = self.btadapter(grouped, position_embedding).flatten(0, 1)
+        return combined
+
+    def encode_frames(self, frames: torch.Tensor, clip_lengths: list[int]) -> torch.Tensor:
+        """Selected vision features `(num_frames, patches, vision_hidden)` of frames grouped into clips.
+
+        Videos are clips of their frames; image tiles are one-frame clips. The BT-Adapter (when present and reaching the
+        selected layer) runs across the frames of each clip; CLS is dropped with the "default" strategy.
+        """
+        feature_index = self._feature_state_index()
+        adapter_indices = self._btadapter_state_indices()
+        states = self._run_vision_tower(frames, sorted(set(adapter_indices) | {feature_index}))
+        if adapter_indices:
+            selected = self._apply_btadapter([states[index] for index in adapter_indices], clip_lengths)
+        else:
+            selected = states[feature_index]
+        if self.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        return selected
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Prompt, relevance, pooling
+
+    def get_prompt_embeds(self, clip_input_ids: torch.LongTensor, clip_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One prompt embedding per row of `clip_input_ids` `(rows, prompt_dim)`, before normalisation."""
+        return self.prompt_alignment.encode_prompt(clip_input_ids, clip_attention_mask)
+
+    def _prompts_for_items(
+        self,
+        num_items: int,
+        modality: str,
+        clip_input_ids: torch.LongTensor | None,
+        clip_attention_mask: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if prompt_embeds is None:
+            if clip_input_ids is None:
+                raise ValueError(
+                    f"PPLLaVA pools each {modality} under the guidance of a prompt: pass `clip_input_ids` (and "
+                    "`clip_attention_mask`), which the PPLLaVA processor returns, or precomputed `prompt_embeds`."
+                )
+            prompt_embeds = self.get_prompt_embeds(clip_input_ids, clip_attention_mask)
+        if prompt_embeds.shape[0] != num_items:
+            raise ValueError(
+                f"Got {num_items} {modality}(s) but {prompt_embeds.shape[0]} pooling prompts. Pass one prompt row per "
+                f"{modality}, or call forward()/generate(), which match prompts to {modality}s through the placeholders."
+            )
+        return prompt_embeds
+
+    def _pool_clip(self, features: torch.Tensor, prompt: torch.Tensor, plan: PoolingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Relevance and pooled tokens `(out_frames, out_rows, out_cols, text_hidden)` of one clip `(frames, patches, dim)`."""
+        rows, cols = self.config.patch_grid
+        patches = features.unflatten(1, (rows, cols))[None]
+        relevance = self.prompt_alignment(patches, prompt[None])
+        tokens = self.multi_modal_projector(patches, pool=lambda hidden: self.pooling(hidden, relevance, plan))
+        return relevance[0], tokens[0]
+
+    @staticmethod
+    def _video_list(pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        if isinstance(pixel_values_videos, torch.Tensor):
+            if pixel_values_videos.ndim != 5:
+                raise ValueError(
+                    f"pixel_values_videos must be (videos, frames, 3, height, width), got shape {tuple(pixel_values_videos.shape)}."
+                )
+            return list(pixel_values_videos)
+        return list(pixel_values_videos)
+
+    @can_return_tuple
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor | list[torch.Tensor],
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        max_visual_tokens: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> PPLLaVAVisualOutput:
+        r"""
+        Pooled visual tokens of each video: vision tower (+ BT-Adapter), relevance to its prompt, prompt-guided pooling.
+
+        pixel_values_videos (`torch.Tensor` of shape `(videos, frames, 3, height, width)`, or a list of `(frames, 3, H, W)`):
+            The videos.
+        clip_input_ids, clip_attention_mask (`torch.Tensor` of shape `(videos, prompt_length)`):
+            One pooling prompt per video (tokenised by the prompt tokenizer).
+        prompt_embeds (`torch.Tensor` of shape `(videos, prompt_dim)`, *optional*):
+            Precomputed prompt embeddings instead of `clip_input_ids`.
+        max_visual_tokens (`int`, *optional*):
+            Token budget per video for this call (defaults to `config.max_visual_tokens`).
+        """
+        videos = self._video_list(pixel_values_videos)
+        prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
+        lengths = [video.shape[0] for video in videos]
+        features = self.encode_frames(torch.cat(videos), lengths).split(lengths)
+        tokens, relevance, plans = [], [], []
+        for clip_features, prompt in zip(features, prompts):
+            plan = self.video_pooling_plan(clip_features.shape[0], max_visual_tokens)
+            clip_relevance, pooled = self._pool_clip(clip_features, prompt, plan)
+            tokens.append(pooled.flatten(0, 2))
+            relevance.append(clip_relevance)
+            plans.append(plan)
+        return PPLLaVAVisualOutput(pooler_output=tokens, relevance=relevance, pooling_plans=plans)
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | list[torch.Tensor],
+        image_sizes: torch.Tensor,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> PPLLaVAVisualOutput:
+        r"""
+        Visual tokens of each anyres image: its tiles are scored jointly against its prompt, pooled per tile, and laid out
+        as LLaVA-NeXT does (base tile, unpadded grid rows each ended by `image_newline`).
+
+        pixel_values (`torch.Tensor` of shape `(images, max_tiles, 3, height, width)`, or a list of `(tiles, 3, H, W)`):
+            The anyres tiles of each image (padded tiles beyond the image's count are ignored).
+        image_sizes (`torch.Tensor` of shape `(images, 2)`):
+            Original (height, width) of each image.
+        clip_input_ids, clip_attention_mask, prompt_embeds:
+            One pooling prompt per image, as for `get_video_features`.
+        """
+        config = self.config
+        tile_size = config.vision_config.image_size
+        sizes = [tuple(int(v) for v in size) for size in image_sizes]
+        tile_counts = [num_anyres_tiles(size, config.image_grid_pinpoints, tile_size) for size in sizes]
+        tiles = [image[:count] for image, count in zip(pixel_values, tile_counts)]
+        prompts = self._prompts_for_items(len(tiles), "image", clip_input_ids, clip_attention_mask, prompt_embeds)
+        features = self.encode_frames(torch.cat(tiles), [1] * sum(tile_counts)).split(tile_counts)
+        tokens, relevance, plans = [], [], []
+        for image_features, size, prompt in zip(features, sizes, prompts):
+            plan = self.image_pooling_plan(image_features.shape[0])
+            image_relevance, pooled = self._pool_clip(image_features, prompt, plan)
+            newline = self.image_newline.to(pooled.device)
+            tokens.append(pack_image_tokens(pooled, size, config.image_grid_pinpoints, tile_size, newline))
+            relevance.append(image_relevance)
+            plans.append(plan)
+        return PPLLaVAVisualOutput(pooler_output=tokens, relevance=relevance, pooling_plans=plans)
+
+    @torch.no_grad()
+    def get_video_relevance(
+        self,
+        pixel_values_videos: torch.Tensor | list[torch.Tensor],
+        clip_input_ids: torch.LongTensor,
+        clip_attention_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Prompt relevance of every patch of each video, `(frames, rows, columns)` float32 summing to one: where in space
+        and time the model looks for the prompt (the weights of its pooling)."""
+        videos = self._video_list(pixel_values_videos)
+        prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, None)
+        lengths = [video.shape[0] for video in videos]
+        features = self.encode_frames(torch.cat(videos), lengths).split(lengths)
+        rows, cols = self.config.patch_grid
+        return [
+            self.prompt_alignment(clip.unflatten(1, (rows, cols))[None], prompt[None])[0]
+            for clip, prompt in zip(features, prompts)
+        ]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Placeholders
+
+    def _placeholder_mask(
+        self, token_id: int, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == token_id
+        token_embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == token_embedding).all(-1)
+
+    @staticmethod
+    def _owner_rows(mask: torch.Tensor, item_token_counts: list[int], modality: str) -> torch.Tensor:
+        """Batch row of each visual item, from how many placeholders each row holds (items appear in text order)."""
+        per_row = mask.sum(-1)
+        total = int(per_row.sum())
+        expected = sum(item_token_counts)
+        if total != expected:
+            raise ValueError(
+                f"{modality.capitalize()} placeholders and {modality} features do not match: the text has {total} "
+                f"{modality} tokens but the {len(item_token_counts)} {modality}(s) give {expected} ({item_token_counts}). "
+                "Build the inputs with the PPLLaVA processor using the same frame count, pooling sizes and "
+                "max_visual_tokens as the model."
+            )
+        row_ends = per_row.cumsum(0)
+        starts = torch.tensor([0] + item_token_counts[:-1], device=mask.device).cumsum(0)
+        rows = torch.searchsorted(row_ends, starts, right=True)
+        ends = starts + torch.tensor(item_token_counts, device=mask.device)
+        if bool((ends > row_ends[rows]).any()):
+            raise ValueError(f"A {modality}'s placeholder tokens are split across two samples of the batch.")
+        return rows
+
+    def encode_multimodal(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        max_visual_tokens: int | None = None,
+    ) -> dict[str, PPLLaVAVisualOutput]:
+        """Visual tokens of every image and video of a batch, each pooled by the prompt of the sample it belongs to.
+
+        The owner of each image/video is read from the placeholders in `input_ids` (or `inputs_embeds`); the prompt
+        encoder runs once per sample. The result is what `forward(mm_encoder_outputs=...)` takes.
+        """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("encode_multimodal needs input_ids or inputs_embeds to find the placeholders.")
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if clip_input_ids is None:
+            raise ValueError(
+                "PPLLaVA pools visual tokens under the guidance of the prompt: pass `clip_input_ids` and "
+                "`clip_attention_mask` (the PPLLaVA processor returns them)."
+            )
+        if clip_input_ids.shape[0] != batch_size:
+            raise ValueError(
+                f"clip_input_ids has {clip_input_ids.shape[0]} rows for a batch of {batch_size}: give one "
+                "pooling prompt per sample."
+            )
+        prompt_embeds = self.get_prompt_embeds(clip_input_ids, clip_attention_mask)
+        outputs = {}
+        if pixel_values is not None:
+            if image_sizes is None:
+                raise ValueError("Images need `image_sizes` (their original height and width); the processor returns them.")
+            counts = [self.num_image_tokens(tuple(int(v) for v in size)) for size in image_sizes]
+            mask = self._placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
+            rows = self._owner_rows(mask, counts, "image")
+            outputs["image"] = self.get_image_features(pixel_values, image_sizes, prompt_embeds=prompt_embeds[rows])
+        if pixel_values_videos is not None:
+            videos = self._video_list(pixel_values_videos)
+            counts = [self.video_pooling_plan(video.shape[0], max_visual_tokens).num_tokens for video in videos]
+            mask = self._placeholder_mask(self.config.video_token_id, input_ids, inputs_embeds)
+            rows = self._owner_rows(mask, counts, "video")
+            outputs["video"] = self.get_video_features(
+                videos, prompt_embeds=prompt_embeds[rows], max_visual_tokens=max_visual_tokens
+            )
+        return outputs
+
+    def _scatter(
+        self, inputs_embeds: torch.Tensor, mask: torch.Tensor, features: list[torch.Tensor], modality: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.cat(list(features)).to(inputs_embeds.device, inputs_embeds.dtype)
+        num_placeholders = int(mask.sum())
+        if num_placeholders != features.shape[0]:
+            raise ValueError(
+                f"{modality.capitalize()} features and {modality} tokens do not match: {num_placeholders} placeholder "
+                f"tokens, {features.shape[0]} feature vectors. The processor expands each placeholder to the model's "
+                "token count; use the same pooling settings in both."
+            )
+        return inputs_embeds.masked_scatter(mask[..., None], features), features
+
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        max_visual_tokens: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> PPLLaVAModelOutputWithPast:
+        r"""
+        clip_input_ids, clip_attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`):
+            One pooling prompt per sample; every image and video of a sample is pooled under its guidance.
+        mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+            Precomputed visual tokens (`{"image": ..., "video": ...}`, e.g. from `encode_multimodal`) instead of pixels.
+        max_visual_tokens (`int`, *optional*):
+            Token budget per video for this call (defaults to `config.max_visual_tokens`).
+
+        The output's `last_hidden_state` is exactly as long as `input_ids`: the processor expanded every placeholder.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        has_pixels = pixel_values is not None or pixel_values_videos is not None
+        if has_pixels and mm_encoder_outputs is not None:
+            raise ValueError("Pass either pixel inputs or mm_encoder_outputs, not both.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if has_pixels:
+            mm_encoder_outputs = self.encode_multimodal(
+                input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos,
+                clip_input_ids, clip_attention_mask, max_visual_tokens,
+            )
+        hidden = {}
+        for modality, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
+            encoded = (mm_encoder_outputs or {}).get(modality)
+            if encoded is not None:
+                mask = self._placeholder_mask(token_id, input_ids, inputs_embeds)
+                inputs_embeds, hidden[modality] = self._scatter(inputs_embeds, mask, encoded.pooler_output, modality)
+
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            # Positions count only attended tokens, so a padded sample sees the same positions as alone.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return PPLLaVAModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=hidden.get("image"),
+            video_hidden_states=hidden.get("video"),
+        )
+
+
+class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
+    """PPLLaVA with its LM head: video/image + text in, text out."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: PPLLaVAConfig):
+        super().__init__(config)
+        self.model = PPLLaVAModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def get_video_features(self, pixel_values_videos, **kwargs) -> PPLLaVAVisualOutput:
+        """See [`PPLLaVAModel.get_video_features`]."""
+        return self.model.get_video_features(pixel_values_videos, **kwargs)
+
+    def get_image_features(self, pixel_values, image_sizes, **kwargs) -> PPLLaVAVisualOutput:
+        """See [`PPLLaVAModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
+
+    def get_video_relevance(self, pixel_values_videos, clip_input_ids, clip_attention_mask=None) -> list[torch.Tensor]:
+        """See [`PPLLaVAModel.get_video_relevance`]."""
+        return self.model.get_video_relevance(pixel_values_videos, clip_input_ids, clip_attention_mask)
+
+    def encode_multimodal(self, **kwargs) -> dict[str, PPLLaVAVisualOutput]:
+        """See [`PPLLaVAModel.encode_multimodal`]."""
+        return self.model.encode_multimodal(**kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        max_visual_tokens: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> PPLLaVACausalLMOutputWithPast:
+        r"""
+        clip_input_ids, clip_attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`):
+            One pooling prompt per sample (the processor returns them).
+        labels (`torch.LongTensor` of shape `(batch, sequence)`, *optional*):
+            Next-token targets; `-100` is ignored.
+        mm_encoder_outputs (`dict`, *optional*):
+            Precomputed visual tokens instead of pixels (see `encode_multimodal`).
+        max_visual_tokens (`int`, *optional*):
+            Token budget per video for this call.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+        >>> import ppllava_hf  # registers the PPLLaVA classes
+
+        >>> model = AutoModelForImageTextToText.from_pretrained("path/to/ppllava")
+        >>> processor = AutoProcessor.from_pretrained("path/to/ppllava")
+        >>> messages = [{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}, {"type": "text", "text": "What happens?"}]}]
+        >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        >>> output = model.generate(**inputs, max_new_tokens=64)
+        >>> processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        ```"""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            image_sizes=image_sizes,
+            clip_input_ids=clip_input_ids,
+            clip_attention_mask=clip_attention_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            max_visual_tokens=max_visual_tokens,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return PPLLaVACausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            video_hidden_states=outputs.video_hidden_states,
+        )
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """[`GenerationMixin.generate`], with every image and video encoded once, before decoding starts, and pooled by
+        the prompt of the sample it belongs to (the placeholders in the input ids say which). Beams and
+        `num_return_sequences` reuse those tokens instead of re-encoding the pixels."""
+        visual_keys = ("pixel_values", "image_sizes", "pixel_values_videos", "clip_input_ids", "clip_attention_mask")
+        visual = {key: kwargs.pop(key, None) for key in visual_keys}
+        max_visual_tokens = kwargs.pop("max_visual_tokens", None)
+        if visual["pixel_values"] is not None or visual["pixel_values_videos"] is not None:
+            if kwargs.get("mm_encoder_outputs") is not None:
+                raise ValueError("Pass either pixel inputs or mm_encoder_outputs to generate, not both.")
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            kwargs["mm_encoder_outputs"] = self.model.encode_multimodal(
+                input_ids=input_ids, inputs_embeds=kwargs.get("inputs_embeds"), max_visual_tokens=max_visual_tokens,
+                **visual,
+            )
+        return super().generate(inputs, **kwargs)
+
+
+__all__ = ["PPLLaVAForConditionalGeneration", "PPLLaVAModel", "PPLLaVAPreTrainedModel"]

@@ -1,0 +1,161 @@
+"""Prompt-guided pooling: 3-D windows over (frames, rows, columns) averaged with weights from the prompt relevance.
+
+Also holds the window arithmetic (`PoolingPlan`), which the processor shares to expand each placeholder to exactly the
+number of tokens the model produces.
+"""
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+Triple = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class PoolingPlan:
+    """Output grid, window and stride of one pooling call, all as (frames, rows, columns)."""
+
+    output_size: Triple
+    kernel: Triple
+    stride: Triple
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.output_size)
+
+    @property
+    def covered_size(self) -> Triple:
+        """Extent of the input the windows read; trailing frames/patches beyond it are dropped, as in the original."""
+        return tuple((o - 1) * s + k for o, s, k in zip(self.output_size, self.stride, self.kernel))
+
+
+def plan_pooling(
+    input_size: Triple,
+    kernel: Triple | list[int] | None = None,
+    stride: Triple | list[int] | None = None,
+    output_size: Triple | list[int] | None = None,
+) -> PoolingPlan:
+    """Window arithmetic of the original `get_size`: either kernel and stride, or an output size (stride = input // output)."""
+    if output_size is not None:
+        output_size = tuple(int(o) for o in output_size)
+        stride = tuple(i // o for i, o in zip(input_size, output_size))
+        kernel = tuple(i - (o - 1) * s for i, o, s in zip(input_size, output_size, stride))
+    elif kernel is not None and stride is not None:
+        kernel, stride = tuple(int(k) for k in kernel), tuple(int(s) for s in stride)
+        output_size = tuple((i - k) // s + 1 for i, k, s in zip(input_size, kernel, stride))
+    else:
+        raise ValueError("Pooling needs either an output size or both a kernel and a stride.")
+    if min(output_size) < 1 or min(stride) < 1 or any(k > i for k, i in zip(kernel, input_size)):
+        raise ValueError(f"Cannot pool a {tuple(input_size)} grid with kernel {kernel}, stride {stride}, output {output_size}.")
+    return PoolingPlan(output_size=output_size, kernel=kernel, stride=stride)
+
+
+def plan_video_pooling(
+    num_frames: int,
+    patch_grid: tuple[int, int],
+    kernel: Triple | list[int],
+    stride: Triple | list[int],
+    output_size: Triple | list[int] | None = None,
+    max_visual_tokens: int | None = None,
+) -> PoolingPlan:
+    """Pooling plan of a `num_frames`-frame clip: the configured windows, made to fit short clips and a token budget.
+
+    - Fewer frames than the temporal window: the window shrinks to the clip (one temporal slot).
+    - An output size with more frames than the clip: the temporal output shrinks to the clip length.
+    - A budget that the plan exceeds: the temporal axis is pooled to `max_visual_tokens // tokens_per_slot` slots with
+      the output-size arithmetic, whose windows cover every frame.
+    """
+    if num_frames < 1:
+        raise ValueError(f"A video needs at least one frame, got {num_frames}.")
+    input_size = (num_frames, *patch_grid)
+    if output_size is not None:
+        output_size = (min(int(output_size[0]), num_frames), int(output_size[1]), int(output_size[2]))
+        plan = plan_pooling(input_size, output_size=output_size)
+    else:
+        temporal_kernel = min(int(kernel[0]), num_frames)
+        temporal_stride = min(int(stride[0]), temporal_kernel)
+        plan = plan_pooling(
+            input_size, kernel=(temporal_kernel, *kernel[1:]), stride=(temporal_stride, *stride[1:])
+        )
+    if max_visual_tokens is None or plan.num_tokens <= max_visual_tokens:
+        return plan
+    tokens_per_slot = plan.output_size[1] * plan.output_size[2]
+    max_slots = max_visual_tokens // tokens_per_slot
+    if max_slots < 1:
+        raise ValueError(
+            f"max_visual_tokens={max_visual_tokens} is smaller than one pooled frame ({tokens_per_slot} tokens); raise it "
+            "or pool the frames more coarsely."
+        )
+    temporal_stride = num_frames // max_slots
+    temporal_kernel = num_frames - (max_slots - 1) * temporal_stride
+    return PoolingPlan(
+        output_size=(max_slots, *plan.output_size[1:]),
+        kernel=(temporal_kernel, *plan.kernel[1:]),
+        stride=(temporal_stride, *plan.stride[1:]),
+    )
+
+
+def plan_image_pooling(
+    num_tiles: int,
+    patch_grid: tuple[int, int],
+    kernel: Triple | list[int],
+    stride: Triple | list[int],
+    output_size: Triple | list[int] | None = None,
+) -> PoolingPlan:
+    """Pooling plan of an anyres image: its tiles are the frames, each pooled on its own (temporal window 1)."""
+    if output_size is not None:
+        output_size = (num_tiles, *output_size[1:])
+    return plan_pooling((num_tiles, *patch_grid), kernel=kernel, stride=stride, output_size=output_size)
+
+
+def prompt_guided_pool(
+    features: torch.Tensor, relevance: torch.Tensor, plan: PoolingPlan, temperature: float
+) -> torch.Tensor:
+    """Weighted average over each window, weights = softmax(relevance / temperature) inside the window.
+
+    Args:
+        features: `(batch, frames, rows, columns, dim)`, any float dtype.
+        relevance: `(batch, frames, rows, columns)`, the prompt relevance of every patch.
+        plan: windows and output grid.
+        temperature: softmax temperature (0.01 in PPLLaVA).
+
+    Returns:
+        `(batch, out_frames, out_rows, out_columns, dim)` in the dtype of `features`.
+
+    Each window offset is a strided view of the input, so no unfolded copy of the features is made: the weights are
+    computed in float32 on the small `(batch, *output, window)` tensor, and the sum accumulates in a float32 buffer of
+    the output's size, one window offset at a time.
+    """
+    batch, dim = features.shape[0], features.shape[-1]
+    offsets = list(itertools.product(*(range(k) for k in plan.kernel)))
+    window_logits = torch.stack(
+        [_window_slice(relevance, offset, plan) for offset in offsets], dim=-1
+    ).float() / temperature
+    window_weights = torch.softmax(window_logits, dim=-1)
+    pooled = torch.zeros((batch, *plan.output_size, dim), dtype=torch.float32, device=features.device)
+    for index, offset in enumerate(offsets):
+        pooled.addcmul_(_window_slice(features, offset, plan), window_weights[..., index, None])
+    return pooled.to(features.dtype)
+
+
+def _window_slice(tensor: torch.Tensor, offset: Triple, plan: PoolingPlan) -> torch.Tensor:
+    """View of the element at `offset` inside every window: dims 1..3 of `tensor` strided by the plan."""
+    slices = tuple(
+        slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, plan.output_size, plan.stride)
+    )
+    return tensor[(slice(None), *slices)]
+
+
+class PPLLaVAPromptGuidedPooling(nn.Module):
+    """PPLLaVA's pooling: 3-D windows whose weights are the prompt relevance, re-softmaxed per window with a temperature."""
+
+    def __init__(self, temperature: float):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, features: torch.Tensor, relevance: torch.Tensor, plan: PoolingPlan) -> torch.Tensor:
+        return prompt_guided_pool(features, relevance, plan, self.temperature)
