@@ -7,10 +7,14 @@ over all patches of one sample, are the relevance weights that drive prompt-guid
 
 import torch
 from torch import nn
-from transformers import AutoModel
+from transformers import CLIPTextModel, SiglipTextModel
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 
 from .configuration_ppllava import PPLLaVAConfig
+
+
+# SigLIP's text tower is not in AutoModel's mapping, so the two supported prompt encoders are named here.
+PROMPT_ENCODER_CLASSES = {"clip_text_model": CLIPTextModel, "siglip_text_model": SiglipTextModel}
 
 
 def stretch_position_embeddings(table: torch.Tensor, keep: int = 20, factor: int = 4) -> torch.Tensor:
@@ -101,7 +105,7 @@ class PPLLaVAVisionPromptAlignment(nn.Module):
         self.is_siglip = prompt_config.model_type == "siglip_text_model"
         self.freeze_prompt_encoder = config.freeze_prompt_encoder
         # Stock CLIP/SigLIP text encoder, with PPLLaVA's extended position tables in place of its embeddings.
-        self.text_model = AutoModel.from_config(prompt_config)
+        self.text_model = PROMPT_ENCODER_CLASSES[prompt_config.model_type]._from_config(prompt_config)
         self.text_model.embeddings = PPLLaVAExtendedTextEmbeddings(
             prompt_config.vocab_size,
             prompt_config.hidden_size,
