@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 
 from .alignment_ppllava import PPLLaVAVisionPromptAlignment
@@ -20,6 +20,9 @@ from .anyres_ppllava import num_anyres_tiles, num_image_tokens, pack_image_token
 from .btadapter_ppllava import PPLLaVABTAdapter
 from .configuration_ppllava import PPLLaVAConfig
 from .pooling_ppllava import PoolingPlan, PPLLaVAPromptGuidedPooling, plan_image_pooling, plan_video_pooling
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -663,15 +666,36 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         visual_keys = ("pixel_values", "image_sizes", "pixel_values_videos", "clip_input_ids", "clip_attention_mask")
         visual = {key: kwargs.pop(key, None) for key in visual_keys}
         max_visual_tokens = kwargs.pop("max_visual_tokens", None)
+        if inputs is None and "input_ids" in kwargs:
+            inputs = kwargs.pop("input_ids")
+        inputs, kwargs = _move_right_padding_left(inputs, kwargs)
         if visual["pixel_values"] is not None or visual["pixel_values_videos"] is not None:
             if kwargs.get("mm_encoder_outputs") is not None:
                 raise ValueError("Pass either pixel inputs or mm_encoder_outputs to generate, not both.")
-            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
             kwargs["mm_encoder_outputs"] = self.model.encode_multimodal(
-                input_ids=input_ids, inputs_embeds=kwargs.get("inputs_embeds"), max_visual_tokens=max_visual_tokens,
+                input_ids=inputs, inputs_embeds=kwargs.get("inputs_embeds"), max_visual_tokens=max_visual_tokens,
                 **visual,
             )
         return super().generate(inputs, **kwargs)
+
+
+def _move_right_padding_left(input_ids: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, dict]:
+    """Rotate each right-padded row so its padding comes first: decoding then continues from the last real token,
+    and a right-padded batch generates what the same batch padded on the left does."""
+    attention_mask = kwargs.get("attention_mask")
+    if input_ids is None or attention_mask is None or attention_mask.ndim != 2 or not bool((attention_mask[:, -1] == 0).any()):
+        return input_ids, kwargs
+    if kwargs.get("position_ids") is not None or kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "Right-padded inputs with explicit position_ids or inputs_embeds cannot be re-padded: pad on the left "
+            "(processor(..., padding_side='left')) for generation."
+        )
+    logger.warning_once("Right padding detected: moving it to the left for generation (the returned prompts are left-padded).")
+    length = attention_mask.shape[1]
+    trailing = (attention_mask.flip(-1).cumsum(-1) == 0).sum(-1, keepdim=True)
+    order = (torch.arange(length, device=attention_mask.device) - trailing) % length
+    kwargs = {**kwargs, "attention_mask": attention_mask.gather(1, order)}
+    return input_ids.gather(1, order.to(input_ids.device)), kwargs
 
 
 __all__ = ["PPLLaVAForConditionalGeneration", "PPLLaVAModel", "PPLLaVAPreTrainedModel"]

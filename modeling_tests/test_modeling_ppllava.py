@@ -1,0 +1,326 @@
+"""PPLLaVAModel and PPLLaVAForConditionalGeneration on tiny random models of both layouts.
+
+`vicuna`: CLIP + BT-Adapter + Llama. `qwen`: SigLIP + Qwen2, no BT-Adapter.
+"""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM
+
+import ppllava_hf  # noqa: F401  (registers the Auto classes)
+from ppllava_hf import PPLLaVAConfig, PPLLaVAForConditionalGeneration, PPLLaVAModel
+from model_tester import PPLLaVAModelTester
+
+
+LAYOUTS = ["vicuna", "qwen"]
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def tester(request) -> PPLLaVAModelTester:
+    return PPLLaVAModelTester(request.param)
+
+
+def attended_logits(model, batch: dict) -> list[torch.Tensor]:
+    """Logits of each sample at its attended positions."""
+    with torch.no_grad():
+        logits = model(**batch).logits
+    return [row[mask.bool()] for row, mask in zip(logits, batch["attention_mask"])]
+
+
+def greedy(model, batch: dict, new_tokens: int = 6, **kwargs) -> torch.Tensor:
+    output = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    return output[:, batch["input_ids"].shape[1] :]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+def test_base_model_keeps_the_sequence_length_with_visual_inputs(tester):
+    batch = tester.collate([tester.video_sample(), tester.image_sample()])
+    outputs = tester.model.model(**batch)
+    assert outputs.last_hidden_state.shape[:2] == batch["input_ids"].shape
+    num_video_tokens = int((batch["input_ids"] == tester.config.video_token_id).sum())
+    assert outputs.video_hidden_states.shape == (num_video_tokens, tester.config.text_config.hidden_size)
+
+
+def test_video_tokens_follow_the_pooling_plan(tester):
+    # 8 frames of 6x6 patches with (2, 3, 3) windows: 4 x 2 x 2 tokens.
+    assert tester.model.model.video_pooling_plan(8).num_tokens == 16
+    sample = tester.video_sample(frames=8)
+    features = tester.model.get_video_features(
+        sample["video"][None], clip_input_ids=sample["clip_ids"][None], clip_attention_mask=sample["clip_mask"][None]
+    )
+    assert [tokens.shape for tokens in features.pooler_output] == [(16, tester.config.text_config.hidden_size)]
+    assert features.relevance[0].shape == (8, 6, 6)
+    torch.testing.assert_close(features.relevance[0].sum(), torch.tensor(1.0))
+
+
+def test_image_tokens_are_the_anyres_layout_with_newlines(tester):
+    # A 100x180 image picks the 2x2 grid of 84-pixel tiles; each tile pools to 2x2, the grid to 4x4, unpadded to 2
+    # rows of 4 plus one newline each: 4 (base) + 2 * 5 tokens.
+    assert tester.model.model.num_image_tokens((100, 180)) == 14
+    sample = tester.image_sample(100, 180)
+    features = tester.model.get_image_features(
+        sample["image"][None], sample["image_size"][None], clip_input_ids=sample["clip_ids"][None]
+    )
+    tokens = features.pooler_output[0]
+    assert tokens.shape[0] == 14
+    newline = tester.model.model.image_newline
+    torch.testing.assert_close(tokens[8], newline)
+    torch.testing.assert_close(tokens[13], newline)
+
+
+def test_loss_with_labels_ignores_minus_100(tester):
+    batch = tester.collate([tester.video_sample()])
+    labels = batch["input_ids"].clone()
+    labels[labels == tester.config.video_token_id] = -100
+    outputs = tester.model(**batch, labels=labels)
+    logits = outputs.logits[0, :-1]
+    targets = labels[0, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[targets != -100], targets[targets != -100])
+    torch.testing.assert_close(outputs.loss, expected)
+
+
+def test_batch_equals_each_sample_alone(tester):
+    samples = [tester.video_sample(before=2), tester.video_sample(before=6), tester.image_sample(), tester.text_sample()]
+    batched = attended_logits(tester.model, tester.collate(samples))
+    for sample, logits in zip(samples, batched):
+        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], atol=1e-5, rtol=1e-4)
+
+
+def test_each_sample_is_pooled_by_its_own_prompt(tester):
+    samples = [tester.video_sample(), tester.video_sample(), tester.video_sample()]
+    order = [2, 0, 1]
+    logits = attended_logits(tester.model, tester.collate(samples))
+    permuted = attended_logits(tester.model, tester.collate([samples[i] for i in order]))
+    for position, index in enumerate(order):
+        torch.testing.assert_close(permuted[position], logits[index], atol=1e-5, rtol=1e-4)
+    swapped = dict(samples[0], clip_ids=samples[1]["clip_ids"], clip_mask=samples[1]["clip_mask"])
+    assert not torch.allclose(attended_logits(tester.model, tester.collate([swapped]))[0], logits[0])
+
+
+def test_videos_of_different_lengths_in_one_batch(tester):
+    samples = [tester.video_sample(frames=4), tester.video_sample(frames=8)]
+    batch = tester.collate(samples)
+    assert isinstance(batch["pixel_values_videos"], list)
+    for sample, logits in zip(samples, attended_logits(tester.model, batch)):
+        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], atol=1e-5, rtol=1e-4)
+
+
+def test_mismatched_placeholders_are_reported_with_both_counts(tester):
+    batch = tester.collate([tester.video_sample(frames=8)])
+    batch["input_ids"] = batch["input_ids"][:, 1:]
+    batch["attention_mask"] = batch["attention_mask"][:, 1:]
+    batch["input_ids"][0, batch["input_ids"][0].tolist().index(tester.config.video_token_id)] = 5
+    with pytest.raises(ValueError, match="the text has 15 video tokens but the 1 video\\(s\\) give 16"):
+        tester.model(**batch)
+
+
+def test_visual_inputs_need_a_pooling_prompt(tester):
+    batch = tester.collate([tester.video_sample()])
+    del batch["clip_input_ids"], batch["clip_attention_mask"]
+    with pytest.raises(ValueError, match="pass `clip_input_ids`"):
+        tester.model(**batch)
+
+
+def test_precomputed_visual_tokens_skip_the_vision_tower(tester):
+    batch = tester.collate([tester.video_sample(), tester.image_sample()])
+    encoded = tester.model.encode_multimodal(**{k: v for k, v in batch.items() if k != "attention_mask"})
+    calls = []
+    handle = tester.model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        text_only = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            reused = tester.model(**text_only, mm_encoder_outputs=encoded).logits
+    finally:
+        handle.remove()
+    assert calls == []
+    with torch.no_grad():
+        torch.testing.assert_close(reused, tester.model(**batch).logits)
+
+
+def test_per_call_token_budget_coarsens_the_temporal_pooling(tester):
+    sample = tester.video_sample(frames=8)
+    features = tester.model.get_video_features(
+        sample["video"][None], clip_input_ids=sample["clip_ids"][None], max_visual_tokens=8
+    )
+    assert features.pooler_output[0].shape[0] == 8
+    assert features.pooling_plans[0].output_size == (2, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def test_generate_with_and_without_cache_agree(tester):
+    batch = tester.collate([tester.video_sample()])
+    torch.testing.assert_close(greedy(tester.model, batch), greedy(tester.model, batch, use_cache=False))
+
+
+def test_left_padded_batch_generates_what_each_sample_generates_alone(tester):
+    samples = [tester.video_sample(before=1), tester.video_sample(before=7), tester.image_sample(), tester.text_sample()]
+    batched = greedy(tester.model, tester.collate(samples, padding_side="left"))
+    for sample, tokens in zip(samples, batched):
+        torch.testing.assert_close(tokens, greedy(tester.model, tester.collate([sample]))[0])
+
+
+def test_right_padded_batch_generates_the_same_tokens(tester):
+    samples = [tester.video_sample(before=1), tester.video_sample(before=7)]
+    left = greedy(tester.model, tester.collate(samples, padding_side="left"))
+    right = greedy(tester.model, tester.collate(samples, padding_side="right"))
+    torch.testing.assert_close(right, left)
+
+
+def test_visual_encoders_run_once_per_generate_even_with_beams(tester):
+    model = tester.model.model
+    counts = {"vision_tower": 0, "prompt_alignment": 0, "pooling": 0, "btadapter": 0}
+    handles = [
+        getattr(model, name).register_forward_hook(lambda *args, name=name: counts.__setitem__(name, counts[name] + 1))
+        for name in counts
+        if getattr(model, name) is not None
+    ]
+    samples = [tester.video_sample(), tester.video_sample(before=5)]
+    try:
+        output = greedy(tester.model, tester.collate(samples), num_beams=3, num_return_sequences=2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert output.shape[0] == 4
+    # One vision-tower call for all frames, one relevance + one pooling per video, no re-encoding while decoding.
+    assert counts["vision_tower"] == 1
+    assert counts["prompt_alignment"] == counts["pooling"] == 2
+    assert counts["btadapter"] == (1 if tester.layout == "vicuna" else 0)
+
+
+def test_sampling_and_beam_search_return_the_requested_sequences(tester):
+    batch = tester.collate([tester.video_sample()])
+    sampled = tester.model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5, num_return_sequences=3, pad_token_id=0)
+    assert sampled.shape == (3, batch["input_ids"].shape[1] + 4)
+    beams = greedy(tester.model, batch, new_tokens=4, num_beams=2)
+    assert beams.shape == (1, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving, loading, Auto classes, dtypes, attention back-ends, initialisation
+
+
+def test_save_and_reload_give_identical_logits(tester, tmp_path):
+    batch = tester.collate([tester.video_sample(), tester.image_sample()])
+    tester.model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, PPLLaVAForConditionalGeneration)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, tester.model(**batch).logits, rtol=0, atol=0)
+
+
+def test_auto_classes_resolve(tester, tmp_path):
+    tester.config.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), PPLLaVAConfig)
+    assert type(AutoModel.from_config(tester.config)) is PPLLaVAModel
+    assert type(AutoModelForImageTextToText.from_config(tester.config)) is PPLLaVAForConditionalGeneration
+    assert type(AutoModelForMultimodalLM.from_config(tester.config)) is PPLLaVAForConditionalGeneration
+
+
+def test_auto_dtype_keeps_the_checkpoint_dtype(tester, tmp_path):
+    tester.fresh_model().to(torch.bfloat16).save_pretrained(tmp_path)
+    reloaded = PPLLaVAForConditionalGeneration.from_pretrained(tmp_path, dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
+    assert reloaded.model.prompt_alignment.text_model.embeddings.position_embedding_base.dtype == torch.bfloat16
+
+
+# Stated tolerance: total-variation distance between the half-precision and float32 relevance distributions under 5%
+# (bf16) / 1% (fp16). The softmax runs in float32; the remaining error comes from the tower and projections in half.
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_relevance_in_half_precision_stays_close_to_float32(tester, dtype, tolerance):
+    sample = tester.video_sample()
+    inputs = dict(clip_input_ids=sample["clip_ids"][None], clip_attention_mask=sample["clip_mask"][None])
+    reference = tester.model.get_video_relevance(sample["video"][None], **inputs)[0]
+    half = tester.fresh_model().to(dtype)
+    relevance = half.get_video_relevance(sample["video"][None].to(dtype), **inputs)[0]
+    assert relevance.dtype == torch.float32 and torch.isfinite(relevance).all()
+    torch.testing.assert_close(relevance.sum(), torch.tensor(1.0))
+    assert 0.5 * (relevance - reference).abs().sum() < tolerance
+    features = half.get_video_features(sample["video"][None].to(dtype), **inputs).pooler_output[0]
+    assert features.dtype == dtype and torch.isfinite(features).all()
+
+
+def test_sdpa_is_the_default_and_eager_gives_the_same_logits(tester):
+    assert tester.model.config._attn_implementation == "sdpa"
+    assert tester.model.model.vision_tower.config._attn_implementation == "sdpa"
+    assert tester.model.model.prompt_alignment.text_model.config._attn_implementation == "sdpa"
+    eager = tester.fresh_model(attn_implementation="eager")
+    assert eager.model.language_model.config._attn_implementation == "eager"
+    batch = tester.collate([tester.video_sample(), tester.image_sample()])
+    for eager_logits, sdpa_logits in zip(attended_logits(eager, batch), attended_logits(tester.model, batch)):
+        torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_every_weight_is_initialised(tester):
+    model = PPLLaVAForConditionalGeneration(copy.deepcopy(tester.config))
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        assert torch.isfinite(tensor).all(), name
+    hidden = tester.config.text_config.hidden_size
+    assert 0.5 < model.model.image_newline.std().item() * hidden**0.5 < 1.5
+    embeddings = model.model.prompt_alignment.text_model.embeddings
+    torch.testing.assert_close(embeddings.position_embedding_residual, embeddings.position_embedding_base)
+    if model.model.btadapter is not None:
+        assert all(layer.temporal_fc.weight.abs().sum() == 0 for layer in model.model.btadapter.temporal_layers)
+
+
+def test_weights_missing_from_a_checkpoint_are_initialised_not_left_empty(tester, tmp_path):
+    tester.model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.image_newline"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = PPLLaVAForConditionalGeneration.from_pretrained(tmp_path)
+    newline = reloaded.model.image_newline
+    assert torch.isfinite(newline).all() and newline.std() > 0
+
+
+def test_device_map_auto_loads(tester, tmp_path):
+    tester.model.save_pretrained(tmp_path)
+    loaded = PPLLaVAForConditionalGeneration.from_pretrained(tmp_path, device_map="auto")
+    assert loaded.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tester):
+    model = tester.fresh_model(btadapter_drop_path_rate=0.0)
+    batch = tester.collate([tester.video_sample()])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == tester.config.video_token_id, -100)
+
+    def loss_and_grad():
+        model.zero_grad()
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        return loss.detach(), model.model.multi_modal_projector.linear_1.weight.grad.clone()
+
+    model.train()
+    plain = loss_and_grad()
+    model.activation_checkpointing_enable()
+    checkpointed = loss_and_grad()
+    torch.testing.assert_close(checkpointed[0], plain[0])
+    torch.testing.assert_close(checkpointed[1], plain[1])
+
+
+def test_a_few_optimiser_steps_overfit_one_sample(tester):
+    model = tester.fresh_model()
+    batch = tester.collate([tester.video_sample()])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == tester.config.video_token_id, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(12):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
