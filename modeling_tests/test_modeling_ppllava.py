@@ -143,6 +143,36 @@ def test_precomputed_visual_tokens_skip_the_vision_tower(tester):
         torch.testing.assert_close(reused, tester.model(**batch).logits)
 
 
+def test_a_video_shared_by_two_rows_with_one_prompt_is_encoded_once(tester):
+    # The shape of a preference pair: chosen and rejected rows carry the same video and the same pooling prompt.
+    chosen = tester.video_sample(frames=8)
+    rejected = dict(chosen, ids=chosen["ids"][:-4] + tester.text(6))
+    other_prompt = dict(chosen, clip_ids=tester.prompt()[0])
+    frames_encoded = []
+    handle = tester.model.model.vision_tower.register_forward_hook(lambda module, args, out: frames_encoded.append(args[0].shape[0]))
+    try:
+        pair = attended_logits(tester.model, tester.collate([chosen, rejected]))
+        assert frames_encoded == [8]
+        attended_logits(tester.model, tester.collate([chosen, other_prompt]))
+        assert frames_encoded == [8, 16]
+    finally:
+        handle.remove()
+    for sample, logits in zip([chosen, rejected], pair):
+        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_sample_with_several_images_pools_each_under_the_sample_prompt(tester):
+    first, second = tester.image_sample(100, 180), tester.image_sample(180, 100)
+    sample = dict(first, ids=first["ids"] + second["ids"][1:])
+    batch = tester.collate([sample])
+    batch["pixel_values"] = torch.stack([first["image"], second["image"]])
+    batch["image_sizes"] = torch.stack([first["image_size"], second["image_size"]])
+    outputs = tester.model.model(**batch)
+    prompt = dict(clip_input_ids=batch["clip_input_ids"].expand(2, -1), clip_attention_mask=batch["clip_attention_mask"].expand(2, -1))
+    separately = tester.model.get_image_features(batch["pixel_values"], batch["image_sizes"], **prompt).pooler_output
+    torch.testing.assert_close(outputs.image_hidden_states, torch.cat(separately))
+
+
 def test_per_call_token_budget_coarsens_the_temporal_pooling(tester):
     sample = tester.video_sample(frames=8)
     features = tester.model.get_video_features(

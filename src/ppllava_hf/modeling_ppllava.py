@@ -430,7 +430,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """Visual tokens of every image and video of a batch, each pooled by the prompt of the sample it belongs to.
 
         The owner of each image/video is read from the placeholders in `input_ids` (or `inputs_embeds`); the prompt
-        encoder runs once per sample. The result is what `forward(mm_encoder_outputs=...)` takes.
+        encoder runs once per sample, and identical items with identical prompts (a preference pair's chosen and
+        rejected rows, say) are encoded once. The result is what `forward(mm_encoder_outputs=...)` takes.
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("encode_multimodal needs input_ids or inputs_embeds to find the placeholders.")
@@ -446,6 +447,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 "pooling prompt per sample."
             )
         prompt_embeds = self.get_prompt_embeds(clip_input_ids, clip_attention_mask)
+        prompt_keys = clip_input_ids if clip_attention_mask is None else torch.cat([clip_input_ids, clip_attention_mask], -1)
         outputs = {}
         if pixel_values is not None:
             if image_sizes is None:
@@ -453,14 +455,25 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             counts = [self.num_image_tokens(tuple(int(v) for v in size)) for size in image_sizes]
             mask = self._placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
             rows = self._owner_rows(mask, counts, "image")
-            outputs["image"] = self.get_image_features(pixel_values, image_sizes, prompt_embeds=prompt_embeds[rows])
+            keys = torch.cat([prompt_keys[rows], image_sizes.to(prompt_keys.device, prompt_keys.dtype)], -1)
+            outputs["image"] = _encode_once_each(
+                list(pixel_values),
+                keys,
+                lambda unique: self.get_image_features(
+                    [pixel_values[i] for i in unique], image_sizes[unique], prompt_embeds=prompt_embeds[rows[unique]]
+                ),
+            )
         if pixel_values_videos is not None:
             videos = self._video_list(pixel_values_videos)
             counts = [self.video_pooling_plan(video.shape[0], max_visual_tokens).num_tokens for video in videos]
             mask = self._placeholder_mask(self.config.video_token_id, input_ids, inputs_embeds)
             rows = self._owner_rows(mask, counts, "video")
-            outputs["video"] = self.get_video_features(
-                videos, prompt_embeds=prompt_embeds[rows], max_visual_tokens=max_visual_tokens
+            outputs["video"] = _encode_once_each(
+                videos,
+                prompt_keys[rows],
+                lambda unique: self.get_video_features(
+                    [videos[i] for i in unique], prompt_embeds=prompt_embeds[rows[unique]], max_visual_tokens=max_visual_tokens
+                ),
             )
         return outputs
 
@@ -546,6 +559,29 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             image_hidden_states=hidden.get("image"),
             video_hidden_states=hidden.get("video"),
         )
+
+
+def _encode_once_each(items: list[torch.Tensor], keys: torch.Tensor, encode) -> PPLLaVAVisualOutput:
+    """Encode each distinct (pixels, key) item once and hand its tokens to every duplicate, in the original order."""
+    representative = []
+    for index, (item, key) in enumerate(zip(items, keys)):
+        match = next(
+            (
+                earlier
+                for earlier in dict.fromkeys(representative)
+                if items[earlier].shape == item.shape and torch.equal(keys[earlier], key) and torch.equal(items[earlier], item)
+            ),
+            index,
+        )
+        representative.append(match)
+    unique = list(dict.fromkeys(representative))
+    encoded = encode(unique)
+    slot = [unique.index(item) for item in representative]
+    return PPLLaVAVisualOutput(
+        pooler_output=[encoded.pooler_output[i] for i in slot],
+        relevance=[encoded.relevance[i] for i in slot],
+        pooling_plans=[encoded.pooling_plans[i] for i in slot],
+    )
 
 
 class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
