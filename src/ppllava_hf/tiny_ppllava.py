@@ -2,6 +2,18 @@
 
 from typing import Literal
 
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedModel,
+    SiglipConfig,
+    SiglipModel,
+)
+
 from .configuration_ppllava import PPLLaVAConfig
 
 
@@ -57,3 +69,35 @@ def tiny_config(
     settings.update(image_grid_pinpoints=pinpoints, image_token_id=image_token_id, video_token_id=video_token_id)
     settings.update(overrides)
     return PPLLaVAConfig(**settings)
+
+
+def tiny_backbones(layout: Layout = "vicuna", **llava_overrides) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """Tiny random (LLaVA model, CLIP/SigLIP model) to build a PPLLaVA of `tiny_config(layout)`'s shapes from.
+
+    `vicuna`: `LlavaNextForConditionalGeneration` (CLIP + Llama) and a `CLIPModel` with the stock 77 text positions.
+    `qwen`: `LlavaOnevisionForConditionalGeneration` (SigLIP + Qwen2) and a `SiglipModel` with 64 text positions and the
+    vision pooling head. Keyword overrides go to the LLaVA config.
+    """
+    config = tiny_config(layout)
+    vision = config.vision_config.to_dict()
+    prompt = config.prompt_encoder_config.to_dict()
+    llava_settings = dict(
+        vision_config=vision,
+        text_config=config.text_config.to_dict(),
+        image_token_index=config.image_token_id,
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
+    if layout == "qwen":
+        llava_settings["video_token_index"] = config.video_token_id
+    llava_settings.update(llava_overrides)
+    if layout == "vicuna":
+        llava = LlavaNextForConditionalGeneration(LlavaNextConfig(**llava_settings))
+        prompt["max_position_embeddings"] = 77
+        clip = CLIPModel(CLIPConfig(text_config=prompt, vision_config=vision, projection_dim=prompt["projection_dim"]))
+    else:
+        llava = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**llava_settings))
+        prompt["max_position_embeddings"] = 64
+        clip = SiglipModel(SiglipConfig(text_config=prompt, vision_config={**vision, "vision_use_head": True}))
+    return llava.eval(), clip.eval()

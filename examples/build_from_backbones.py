@@ -1,0 +1,104 @@
+"""Build an untrained PPLLaVA from a LLaVA-NeXT / LLaVA-OneVision checkpoint and a CLIP / SigLIP checkpoint.
+
+    # The released recipes' starting points (Vicuna + CLIP with a BT-Adapter; Qwen2 + SigLIP):
+    python examples/build_from_backbones.py --llava llava-hf/llava-v1.6-vicuna-7b-hf \
+        --clip openai/clip-vit-large-patch14-336 --output-dir ppllava-vicuna-7b-untrained --dtype bfloat16
+    python examples/build_from_backbones.py --llava llava-hf/llava-onevision-qwen2-7b-si-hf \
+        --clip google/siglip-so400m-patch14-384 --output-dir ppllava-qwen-7b-untrained --dtype bfloat16
+
+    # Tiny random backbones, no download (a smoke test):
+    python examples/build_from_backbones.py --tiny vicuna --output-dir /tmp/ppllava-tiny
+
+The folder loads with `AutoModelForImageTextToText.from_pretrained(folder)` after `import ppllava_hf`.
+"""
+
+import argparse
+import tempfile
+
+import torch
+from transformers import AutoModelForImageTextToText
+
+import ppllava_hf  # noqa: F401  (registers PPLLaVA with the Auto classes)
+from ppllava_hf.building_ppllava import build_ppllava_from_backbones
+from ppllava_hf.freezing_ppllava import FREEZING_PRESETS, apply_freezing_preset
+from ppllava_hf.tiny_ppllava import tiny_backbones
+
+
+PROCESSOR_NOTE = (
+    "No processor was saved: ppllava_hf has no PPLLaVA processor yet. Once it exists, this example saves it next to "
+    "the weights; until then the folder holds the model only. A processor paired with it must use id "
+    "{video_token_id} for the video placeholder and id {image_token_id} for the image placeholder."
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--llava", help="LLaVA-NeXT or LLaVA-OneVision folder or Hub id (transformers layout).")
+    source.add_argument("--tiny", choices=["vicuna", "qwen"], help="Build from tiny random backbones instead.")
+    parser.add_argument("--clip", help="CLIP (for LLaVA-NeXT) or SigLIP (for LLaVA-OneVision) folder or Hub id.")
+    parser.add_argument("--output-dir", required=True, help="Where to save the PPLLaVA folder.")
+    parser.add_argument(
+        "--btadapter", action=argparse.BooleanOptionalAction, default=None,
+        help="Add the BT-Adapter (default: with a CLIP tower, as the Vicuna recipes do).",
+    )
+    parser.add_argument("--btadapter-depth", type=int, default=4)
+    parser.add_argument("--btadapter-max-frames", type=int, default=64)
+    parser.add_argument(
+        "--random-prompt-token-embeddings", action="store_true",
+        help="Give the prompt encoder a fresh random token table, as the original code does (default: pretrained).",
+    )
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument(
+        "--preset", choices=sorted(FREEZING_PRESETS), default="sft",
+        help="Freezing preset whose trainable parameters the summary shows (requires_grad is not saved).",
+    )
+    parser.add_argument("--verify", action="store_true", help="Reload the saved folder and compare logits on text.")
+    args = parser.parse_args()
+    if args.llava and not args.clip:
+        parser.error("--llava needs --clip.")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    options = dict(
+        use_btadapter=args.btadapter,
+        btadapter_depth=args.btadapter_depth,
+        btadapter_max_frames=args.btadapter_max_frames,
+        random_prompt_token_embeddings=args.random_prompt_token_embeddings,
+        dtype=dtype,
+    )
+    if args.tiny:
+        with tempfile.TemporaryDirectory() as folder:
+            llava, clip = tiny_backbones(args.tiny)
+            llava.save_pretrained(f"{folder}/llava")
+            clip.save_pretrained(f"{folder}/clip")
+            model = build_ppllava_from_backbones(f"{folder}/llava", f"{folder}/clip", **options)
+    else:
+        model = build_ppllava_from_backbones(args.llava, args.clip, **options)
+
+    print(f"\nTrainable parameters under the {args.preset!r} preset ({FREEZING_PRESETS[args.preset]}):")
+    print(apply_freezing_preset(model, args.preset))
+    if model.config.use_btadapter:
+        print(
+            "\nThe BT-Adapter's temporal layers, time embedding and CLS token are new (the load report lists them as "
+            "MISSING): they start with a zero output projection and CLS, and learn in the SFT stage."
+        )
+    model.save_pretrained(args.output_dir)
+    print(f"\nSaved PPLLaVA to {args.output_dir}.")
+    print(PROCESSOR_NOTE.format(video_token_id=model.config.video_token_id, image_token_id=model.config.image_token_id))
+
+    if args.verify:
+        reloaded = AutoModelForImageTextToText.from_pretrained(args.output_dir, dtype=model.dtype).eval()
+        input_ids = torch.randint(3, min(1000, model.config.text_config.vocab_size), (1, 16))
+        with torch.no_grad():
+            same = torch.equal(reloaded(input_ids=input_ids).logits, model.eval()(input_ids=input_ids).logits)
+        print(f"Reloaded with AutoModelForImageTextToText: text logits {'identical' if same else 'DIFFER'}.")
+        if not same:
+            raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
