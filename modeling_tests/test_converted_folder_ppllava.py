@@ -10,6 +10,7 @@ import site
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -206,17 +207,22 @@ def test_the_isolated_interpreter_really_lacks_ppllava_hf(tmp_path):
     assert run.returncode != 0 and "No module named 'ppllava_hf'" in run.stderr
 
 
-def test_remote_code_refuses_modules_that_need_the_package(tmp_path, monkeypatch):
-    source = tmp_path / "source"
-    source.mkdir()
-    (source / "modeling_bad.py").write_text("from ppllava_hf.modeling_ppllava import PPLLaVAModel\n\nclass Bad:\n    pass\n")
-    spec = importlib.util.spec_from_file_location("modeling_bad", source / "modeling_bad.py")
-    module = importlib.util.module_from_spec(spec)
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("from ppllava_hf.pooling_ppllava import PoolingPlan", "imports ppllava_hf absolutely"),
+        ("from . import pooling_ppllava", "is not a flat `from .module import ...`"),
+    ],
+)
+def test_remote_code_refuses_modules_that_would_not_load_without_the_package(tmp_path, monkeypatch, line, problem):
+    (tmp_path / "modeling_bad.py").write_text(f"{line}\n\n\nclass Bad:\n    pass\n")
+    module = types.ModuleType("modeling_bad")
+    module.__file__ = str(tmp_path / "modeling_bad.py")
     monkeypatch.setitem(sys.modules, "modeling_bad", module)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(remote_code_ppllava, "REMOTE_CODE_CLASSES", {"AutoModel": module.Bad})
+    bad = type("Bad", (), {"__module__": "modeling_bad"})
+    monkeypatch.setattr(remote_code_ppllava, "REMOTE_CODE_CLASSES", {"AutoModel": bad})
     (tmp_path / "out").mkdir()
-    with pytest.raises(RuntimeError, match="modeling_bad.py imports ppllava_hf absolutely"):
+    with pytest.raises(RuntimeError, match=re.escape(problem)):
         remote_code_ppllava.save_remote_code(str(tmp_path / "out"), tiny_config())
 
 

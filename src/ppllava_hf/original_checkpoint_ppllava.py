@@ -17,12 +17,6 @@ from .conversion_ppllava import ConversionError
 
 
 PUBLISHED_WEIGHTS_REPO = "farewellthree/ppllava_weight"
-PUBLISHED_FOLDERS = (
-    "ppllava_vicuna7b_image_video",
-    "ppllava_vicuna7b_image_video_dpo",
-    "ppllava_vicuna7b_image_video_multiimage",
-    "ppllava_qwen7b_llavahound300k",
-)
 # The `clip_weight` of each original layout in the original training configs, for error messages when a checkpoint's
 # `clip_weight` is a path on its authors' machines.
 ORIGINAL_PROMPT_ENCODERS = {

@@ -51,7 +51,8 @@ def _check_self_contained(folder: str, copied: set[str]) -> None:
         with open(path, encoding="utf-8") as handle:
             tree = ast.parse(handle.read())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level and (node.level > 1 or not node.module or "." in node.module):
+            relative = isinstance(node, ast.ImportFrom) and node.level > 0
+            if relative and (node.level > 1 or not node.module or "." in node.module):
                 problems.append(f"{name}:{node.lineno} is not a flat `from .module import ...`, which remote code needs")
         if _PACKAGE in get_imports(path):
             problems.append(f"{name} imports {_PACKAGE} absolutely; use a flat relative import")
