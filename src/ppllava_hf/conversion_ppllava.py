@@ -7,7 +7,6 @@ else is an error, as is a key of ours that no original key fills or a shape that
 """
 
 import json
-import logging
 import os
 import re
 from collections.abc import Iterator
@@ -16,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from .configuration_ppllava import PPLLaVAConfig
 from .modeling_ppllava import PPLLaVAForConditionalGeneration
 
 
-logger = logging.getLogger(__name__)
-
+ORIGINAL_LAYOUTS = ("llava_next", "llava_onevision")
 ORIGINAL_PROMPT_KEEP_POSITIONS = 20
 ORIGINAL_PROMPT_STRETCH = 4
 
@@ -95,29 +94,54 @@ def _stretched_positions(source_positions: int) -> int:
     return ORIGINAL_PROMPT_KEEP_POSITIONS + ORIGINAL_PROMPT_STRETCH * (source_positions - ORIGINAL_PROMPT_KEEP_POSITIONS)
 
 
-def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
-    """PPLLaVA-HF config from an original `config.json` and the config of the CLIP/SigLIP model in its `clip_weight`."""
+def _check_supported(original: dict) -> None:
+    """Refuse original settings whose computation PPLLaVA-HF does not reproduce, instead of converting them wrongly."""
     if original.get("pooling") != "ppllava":
         raise ConversionError(
             f"Only prompt-guided pooling checkpoints convert (`pooling: ppllava`), this one has pooling={original.get('pooling')!r}."
         )
     layout = original.get("model_type")
-    if layout not in ("llava_next", "llava_onevision"):
-        raise ConversionError(f"Unknown original layout model_type={layout!r}; expected 'llava_next' or 'llava_onevision'.")
+    if layout not in ORIGINAL_LAYOUTS:
+        raise ConversionError(f"Unknown original layout model_type={layout!r}; expected one of {ORIGINAL_LAYOUTS}.")
+    if not original.get("extend_clip", False):
+        # Without it the original keeps CLIP's stock 77/64-position text embeddings, a layout the extended tables
+        # (`position_embedding` + `position_embedding_res`) of every published checkpoint replace.
+        raise ConversionError("Only checkpoints with the extended prompt encoder (`extend_clip: true`) convert.")
+    if original.get("valuew_plus", False):
+        # `valuew_plus` multiplies the relevance by SigLIP's probe attention, which PPLLaVA-HF does not compute.
+        raise ConversionError("`valuew_plus: true` (probe-attention weighting of the relevance) is not supported.")
+
+
+def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
+    """PPLLaVA-HF config from an original `config.json` and the `config.json` of the CLIP/SigLIP model its
+    `clip_weight` names (a `CLIPConfig`/`SiglipConfig` dict: the prompt encoder's architecture is only recorded there).
+
+    The prompt source goes through transformers' own config class so that its legacy fields (`text_config_dict`) and
+    the defaults it leaves out resolve exactly as the original's `CLIPModel.from_pretrained` resolved them.
+    """
+    _check_supported(original)
+    source = AutoConfig.for_model(**prompt_source)
+    prompt = source.text_config.to_dict()
+    siglip = prompt["model_type"] == "siglip_text_model"
+    if bool(original.get("qwen", False)) != siglip:
+        # The original picks its SigLIP projector when `qwen` is set and its CLIP projector otherwise.
+        raise ConversionError(
+            f"The checkpoint was built with the {'SigLIP' if original.get('qwen') else 'CLIP'} projector but the prompt "
+            f"encoder config is a {prompt['model_type']}: give the CLIP/SigLIP model its `clip_weight` names."
+        )
+    prompt["max_position_embeddings"] = _stretched_positions(prompt["max_position_embeddings"])
     vision = {k: v for k, v in original["vision_config"].items() if k not in ("depth", "max_T")}
-    prompt = dict(prompt_source["text_config"])
-    if original.get("extend_clip", False):
-        prompt["max_position_embeddings"] = _stretched_positions(prompt.get("max_position_embeddings", _default_prompt_length(prompt)))
-    if prompt.get("model_type") == "clip_text_model":
-        prompt.setdefault("projection_dim", prompt_source.get("projection_dim", 512))
-        vision["projection_dim"] = prompt["projection_dim"]
-    siglip = prompt.get("model_type") == "siglip_text_model"
+    if not siglip:
+        # CLIPModel sizes both projections with the top-level `projection_dim`, not the sub-configs' own field.
+        prompt["projection_dim"] = vision["projection_dim"] = source.projection_dim
     video_kernel = original.get("pooling_kernel")
     video_stride = original.get("pooling_stride")
     image_kernel = original.get("image_pooling_kernel") or video_kernel
     image_stride = original.get("image_pooling_stride") or video_stride
     output_size = original.get("pllava_pooling_shape") if video_kernel is None else None
     image_token_id = original["image_token_index"]
+    # llava_onevision configs name a video placeholder; llava_next ones do not, and the id after the image
+    # placeholder is a free row of their padded vocabulary.
     video_token_id = original.get("video_token_index") or image_token_id + 1
     config = PPLLaVAConfig(
         vision_config=vision,
@@ -143,6 +167,7 @@ def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
         video_token_id=video_token_id,
         ignore_index=original.get("ignore_index", -100),
         tie_word_embeddings=original.get("tie_word_embeddings", False),
+        dtype=original.get("torch_dtype") or original.get("dtype"),
     )
     frame_shape = original.get("frame_shape")
     if frame_shape is not None and list(frame_shape) != list(config.patch_grid):
@@ -155,10 +180,6 @@ def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
             f"{config.text_config.vocab_size}."
         )
     return config
-
-
-def _default_prompt_length(prompt: dict) -> int:
-    return 64 if prompt.get("model_type") == "siglip_text_model" else 77
 
 
 def expected_state(config: PPLLaVAConfig) -> dict[str, torch.Size]:
@@ -199,14 +220,32 @@ class ShardPlan:
         return cls([os.path.join(folder, name) for name in pickle_files])
 
 
+def original_shapes(path: str) -> dict[str, torch.Size]:
+    """Key -> shape of one weight file, read without loading the tensors (safetensors header, or a memory-mapped pickle)."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    return {key: tensor.shape for key, tensor in _load_pickle(path).items()}
+
+
 def iter_original_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one weight file, one at a time for safetensors."""
+    """Tensors of one weight file, one at a time."""
     if path.endswith(".safetensors"):
         with safe_open(path, framework="pt", device="cpu") as handle:
             for key in handle.keys():
                 yield key, handle.get_tensor(key)
     else:
-        yield from torch.load(path, map_location="cpu", weights_only=True).items()
+        yield from _load_pickle(path).items()
+
+
+def _load_pickle(path: str) -> dict[str, torch.Tensor]:
+    # Only reached once the caller allowed pickle files; `weights_only` still refuses anything but tensors.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def converted_shape(key: str, shape: torch.Size) -> torch.Size:
+    """Shape `convert_tensor` gives an original tensor of `shape`, computed on the meta device (nothing allocated)."""
+    return convert_tensor(key, torch.empty(shape, device="meta")).shape
 
 
 def convert_weights(
@@ -216,24 +255,26 @@ def convert_weights(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
 ) -> dict[str, str]:
-    """Convert the weights shard by shard (one input shard in memory at a time) into safetensors shards of our layout.
+    """Convert the weights shard by shard into safetensors shards of our layout, one output shard per input shard.
 
-    Returns the weight map (our key -> output file). Raises `ConversionError` listing every unknown, missing or
-    mis-shaped key; nothing is written unless all keys check out.
+    Keys and shapes are checked first from the files' headers; then one input shard at a time is read (memory-mapped),
+    converted and written, so memory holds about one shard, never the whole model. Floating-point tensors are cast to `dtype` when
+    given. Returns the weight map (our key -> output file name). Raises `ConversionError` listing every unknown, missing
+    or mis-shaped key, before anything is written.
     """
     expected = expected_state(config)
     plan = ShardPlan.from_folder(input_folder, allow_pickle=allow_pickle)
     seen: dict[str, torch.Size] = {}
     unknown = []
     for path in plan.files:
-        for key, tensor in iter_original_tensors(path):
+        for key, shape in original_shapes(path).items():
             try:
                 ours = convert_key(key)
             except ConversionError:
                 unknown.append(key)
                 continue
             if ours is not None:
-                seen[ours] = convert_tensor(key, tensor).shape if _VALUE_ROWS_KEY.match(key) else tensor.shape
+                seen[ours] = converted_shape(key, shape)
     _check_keys(seen, expected, unknown)
 
     os.makedirs(output_folder, exist_ok=True)
