@@ -270,8 +270,9 @@ def qwen_layout() -> OriginalLayout:
         **_layer_norm(f"{head}.layernorm", dim),
         **_mlp(f"{head}.mlp", dim, 64),
         **_layer_norm(f"{projector}.clip_visual_ln", dim),
-        f"{projector}.logit_scale": (),
-        f"{projector}.logit_bias": (),
+        # SiglipModel keeps its temperature and bias as shape (1,) parameters, which the original projector reuses.
+        f"{projector}.logit_scale": (1,),
+        f"{projector}.logit_bias": (1,),
         **_linear(f"{projector}.linear_1", hidden, dim),
         **_linear(f"{projector}.linear_2", hidden, hidden),
         "image_newline": (hidden,),
@@ -289,9 +290,9 @@ def random_state(shapes: Shapes, seed: int = 0) -> dict[str, torch.Tensor]:
         if key.endswith(("norm.weight", "layer_norm1.weight", "layer_norm2.weight", "_ln.weight", "layernorm.weight")):
             tensor += 1
         state[key] = tensor
-    state["multi_modal_projector.logit_scale"] = torch.tensor(2.6592)
+    state["multi_modal_projector.logit_scale"] = torch.full(shapes["multi_modal_projector.logit_scale"], 2.6592)
     if "multi_modal_projector.logit_bias" in state:
-        state["multi_modal_projector.logit_bias"] = torch.tensor(-10.0)
+        state["multi_modal_projector.logit_bias"] = torch.full(shapes["multi_modal_projector.logit_bias"], -10.0)
     return state
 
 

@@ -66,6 +66,7 @@ KEY_RULES: list[tuple[str, str | None]] = [
     (r"^.*\.rotary_emb\.inv_freq$", None),
 ]
 
+_SCALAR_KEY = re.compile(r"^multi_modal_projector\.logit_(scale|bias)$")
 _VALUE_ROWS_KEY = re.compile(r"^multi_modal_projector\.clip_visual_head\.attention\.in_proj_(weight|bias)$")
 
 
@@ -83,10 +84,13 @@ def convert_key(key: str) -> str | None:
 
 
 def convert_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Tensor content changes some keys need: the value rows of SigLIP's packed attention input projection."""
+    """Tensor content changes some keys need: the value rows of SigLIP's packed attention input projection, and the
+    temperature/bias, which SigLIP stores with shape (1,) and CLIP as a scalar (ours are scalars)."""
     if _VALUE_ROWS_KEY.match(key):
         dim = tensor.shape[0] // 3
         return tensor[2 * dim :].clone()
+    if _SCALAR_KEY.match(key):
+        return tensor.reshape(())
     return tensor
 
 
