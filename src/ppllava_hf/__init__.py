@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .configuration_ppllava import PPLLaVAConfig
 from .modeling_ppllava import PPLLaVAForConditionalGeneration, PPLLaVAModel, PPLLaVAPreTrainedModel
+from .video_decoding_ppllava import PPLLaVAVideoMetadata, VideoDecodingError, decode_video, sample_frame_indices
 
 
 AutoConfig.register("ppllava", PPLLaVAConfig, exist_ok=True)
@@ -16,4 +17,13 @@ except ImportError:  # older transformers without the any-to-any auto class
 if AutoModelForMultimodalLM is not None:
     AutoModelForMultimodalLM.register(PPLLaVAConfig, PPLLaVAForConditionalGeneration, exist_ok=True)
 
-__all__ = ["PPLLaVAConfig", "PPLLaVAForConditionalGeneration", "PPLLaVAModel", "PPLLaVAPreTrainedModel"]
+__all__ = [
+    "PPLLaVAConfig",
+    "PPLLaVAForConditionalGeneration",
+    "PPLLaVAModel",
+    "PPLLaVAPreTrainedModel",
+    "PPLLaVAVideoMetadata",
+    "VideoDecodingError",
+    "decode_video",
+    "sample_frame_indices",
+]
