@@ -1,0 +1,439 @@
+"""Processor of PPLLaVA: text, videos and images to the inputs of `PPLLaVAForConditionalGeneration`.
+
+Besides the usual LLaVA work (expand each `<video>` / `<image>` placeholder to exactly as many tokens as the model will
+scatter into it, tokenize, process pixels), it tokenizes one *pooling prompt* per sample with the prompt encoder's
+tokenizer (CLIP or SigLIP): the text that guides which patches the model keeps when it pools the visual tokens.
+"""
+
+import re
+
+import torch
+from transformers import LlavaNextImageProcessorPil
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging
+from transformers.video_processing_utils import VideoProcessorMixin
+
+from .anyres_ppllava import num_anyres_tiles, num_image_tokens
+from .chat_template_ppllava import default_chat_template, last_user_text
+from .configuration_ppllava import PPLLaVAConfig
+from .pooling_ppllava import plan_image_pooling, plan_video_pooling
+from .video_processing_ppllava import PPLLaVAVideoProcessor, PPLLaVAVideosKwargs, flatten_videos
+
+
+logger = logging.get_logger(__name__)
+
+SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
+# Role markers of the chat templates, removed (with the special tokens) when the pooling prompt falls back to the text.
+_TEMPLATE_MARKUP = re.compile(r"<\|im_start\|>(?:system|user|assistant)\n|\b(?:USER|ASSISTANT): ?")
+
+
+class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
+    """
+    pooling_prompt (`str` or `list[str | None]`):
+        The text that guides the pooling of each sample's videos and images: one per sample (`None` entries fall back to
+        the defaults), or one string for every sample.
+    chat_pooling_prompt (`list[str]`):
+        Set by `apply_chat_template`: the last user turn of each conversation (used when `pooling_prompt` is not given).
+    max_visual_tokens (`int`):
+        Token budget per video for this call; must match the value given to the model.
+    add_timestamps (`bool`):
+        Write "The video contains N frames sampled at t1, t2, ... seconds." after each video's tokens.
+    """
+
+    videos_kwargs: PPLLaVAVideosKwargs
+    pooling_prompt: str | list[str | None] | None
+    chat_pooling_prompt: list[str] | None
+    max_visual_tokens: int | None
+    add_timestamps: bool
+
+
+class PPLLaVAProcessor(ProcessorMixin):
+    r"""
+    Builds PPLLaVA's inputs from text, videos and images.
+
+    `processor(text=..., videos=..., images=...)` returns `input_ids`, `attention_mask`, `pixel_values_videos`,
+    `clip_input_ids`, `clip_attention_mask` and, for images, `pixel_values`, `image_sizes`: exactly the arguments of
+    `PPLLaVAForConditionalGeneration.forward` / `generate` (with `return_metadata=True` also `video_metadata`, to pop
+    before calling the model).
+
+    Which text drives the pooling of a sample (its `clip_input_ids` row), in order of precedence:
+    1. `pooling_prompt=` given to the call (a string per sample);
+    2. with `apply_chat_template`, the text of the last user turn of the conversation (as the original's demo and
+       evaluation feed the user's question), when that turn has text;
+    3. the sample's text with its `<video>` / `<image>` placeholders, special tokens and `USER:` / `ASSISTANT:` /
+       `<|im_start|>role` markers removed.
+    The prompt is padded to `prompt_max_length` (248 for CLIP, 196 for SigLIP) and truncated beyond it with a warning.
+
+    Args:
+        image_processor: LLaVA-NeXT anyres image processor (tiles of the vision tower's input size).
+        video_processor ([`PPLLaVAVideoProcessor`]): decodes, samples and normalises video frames.
+        tokenizer: the LLM tokenizer; must know `<image>` and `<video>`.
+        prompt_tokenizer: the tokenizer of the prompt encoder (CLIP or SigLIP text).
+        chat_template (`str`, *optional*): Jinja template (see `chat_template_ppllava`).
+        image_token, video_token (`str`): placeholder strings.
+        patch_size (`int`): patch size of the vision tower; with the video processor's frame size it gives the patch grid.
+        video_pooling_kernel, video_pooling_stride, video_pooling_output_size, image_pooling_kernel, image_pooling_stride,
+        image_pooling_output_size, max_visual_tokens: the model's pooling settings (see [`PPLLaVAConfig`]); they fix how
+            many tokens each placeholder expands to.
+        prompt_max_length (`int`): length the pooling prompt is padded/truncated to (the prompt encoder's positions).
+        mask_prompt_padding (`bool`): return the tokenizer's attention mask for the prompt (CLIP). `False` returns all
+            ones, as SigLIP's prompt encoder was trained attending to its padding.
+
+    Build one consistent with a model config with [`PPLLaVAProcessor.from_config`].
+    """
+
+    valid_processor_kwargs = PPLLaVAProcessorKwargs
+    skip_tensor_conversion = ["video_metadata", "text_replacement_offsets", "pixel_values_videos"]
+    text_kwargs = {"padding": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
+    add_timestamps = False
+
+    def __init__(
+        self,
+        image_processor=None,
+        video_processor=None,
+        tokenizer=None,
+        prompt_tokenizer=None,
+        chat_template=None,
+        image_token="<image>",
+        video_token="<video>",
+        patch_size=14,
+        video_pooling_kernel=(2, 3, 3),
+        video_pooling_stride=(2, 3, 3),
+        video_pooling_output_size=None,
+        image_pooling_kernel=(1, 3, 3),
+        image_pooling_stride=(1, 3, 3),
+        image_pooling_output_size=None,
+        max_visual_tokens=None,
+        prompt_max_length=248,
+        mask_prompt_padding=True,
+        **kwargs,
+    ):
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self.video_token = getattr(tokenizer, "video_token", None) or video_token
+        self.image_token_id = _placeholder_id(tokenizer, self.image_token)
+        self.video_token_id = _placeholder_id(tokenizer, self.video_token)
+        self.patch_size = patch_size
+        self.video_pooling_kernel = _as_list(video_pooling_kernel)
+        self.video_pooling_stride = _as_list(video_pooling_stride)
+        self.video_pooling_output_size = _as_list(video_pooling_output_size)
+        self.image_pooling_kernel = _as_list(image_pooling_kernel)
+        self.image_pooling_stride = _as_list(image_pooling_stride)
+        self.image_pooling_output_size = _as_list(image_pooling_output_size)
+        self.max_visual_tokens = max_visual_tokens
+        self.prompt_max_length = prompt_max_length
+        self.mask_prompt_padding = mask_prompt_padding
+        super().__init__(image_processor, video_processor, tokenizer, prompt_tokenizer, chat_template=chat_template, **kwargs)
+        self._check_frame_sizes()
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PPLLaVAConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_tokenizer: PreTrainedTokenizerBase,
+        chat_template: str | None = None,
+        num_frames: int = 32,
+        **kwargs,
+    ) -> "PPLLaVAProcessor":
+        """A processor whose frame size, pooling settings, prompt length and placeholder ids agree with `config`.
+
+        CLIP towers get frames squashed to the input size with CLIP's mean/std, SigLIP towers letterboxed frames with
+        mean/std 0.5 (as the original does for each); images use LLaVA-NeXT anyres tiling with `config.image_grid_pinpoints`.
+        The chat template defaults to ChatML for Qwen language models and Vicuna v1 otherwise. Extra `kwargs` go to the
+        processor (e.g. `max_visual_tokens`).
+        """
+        vision = config.vision_config
+        is_siglip = vision.model_type == "siglip_vision_model"
+        mean, std = (SIGLIP_MEAN_STD, SIGLIP_MEAN_STD) if is_siglip else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        tile = vision.image_size
+        video_processor = PPLLaVAVideoProcessor(
+            size={"height": tile, "width": tile},
+            resize_mode="letterbox" if is_siglip else "squash",
+            image_mean=mean,
+            image_std=std,
+            num_frames=num_frames,
+        )
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": tile},
+            crop_size={"height": tile, "width": tile},
+            image_grid_pinpoints=config.image_grid_pinpoints,
+            image_mean=mean,
+            image_std=std,
+        )
+        settings = {
+            "patch_size": vision.patch_size,
+            "video_pooling_kernel": config.video_pooling_kernel,
+            "video_pooling_stride": config.video_pooling_stride,
+            "video_pooling_output_size": config.video_pooling_output_size,
+            "image_pooling_kernel": config.image_pooling_kernel,
+            "image_pooling_stride": config.image_pooling_stride,
+            "image_pooling_output_size": config.image_pooling_output_size,
+            "max_visual_tokens": config.max_visual_tokens,
+            "prompt_max_length": config.prompt_encoder_config.max_position_embeddings,
+            "mask_prompt_padding": not is_siglip,
+            **kwargs,
+        }
+        processor = cls(
+            image_processor,
+            video_processor,
+            tokenizer,
+            prompt_tokenizer,
+            chat_template=chat_template or default_chat_template(config.text_config.model_type),
+            **settings,
+        )
+        processor.check_config(config)
+        return processor
+
+    def check_config(self, config: PPLLaVAConfig) -> None:
+        """Raise a `ValueError` naming every setting where this processor and `config` would disagree on token ids or
+        counts."""
+        problems = []
+        if (self.image_token_id, self.video_token_id) != (config.image_token_id, config.video_token_id):
+            problems.append(
+                f"placeholder ids: tokenizer {self.image_token}={self.image_token_id}, {self.video_token}="
+                f"{self.video_token_id}; config image_token_id={config.image_token_id}, video_token_id={config.video_token_id}"
+            )
+        if len(self.tokenizer) > config.text_config.vocab_size:
+            problems.append(f"the tokenizer has {len(self.tokenizer)} tokens, the LLM {config.text_config.vocab_size}")
+        if len(self.prompt_tokenizer) > config.prompt_encoder_config.vocab_size:
+            problems.append(
+                f"the prompt tokenizer has {len(self.prompt_tokenizer)} tokens, the prompt encoder "
+                f"{config.prompt_encoder_config.vocab_size}"
+            )
+        if self.patch_grid != tuple(config.patch_grid):
+            problems.append(f"patch grid {self.patch_grid} vs the vision tower's {tuple(config.patch_grid)}")
+        if self.prompt_max_length > config.prompt_encoder_config.max_position_embeddings:
+            problems.append(
+                f"prompt_max_length={self.prompt_max_length} exceeds the prompt encoder's "
+                f"{config.prompt_encoder_config.max_position_embeddings} positions"
+            )
+        for name in ("video_pooling_kernel", "video_pooling_stride", "video_pooling_output_size", "image_pooling_kernel",
+                     "image_pooling_stride", "image_pooling_output_size"):
+            if getattr(self, name) != getattr(config, name):
+                problems.append(f"{name}: processor {getattr(self, name)}, config {getattr(config, name)}")
+        if self.image_processor.image_grid_pinpoints != config.image_grid_pinpoints:
+            problems.append("image_grid_pinpoints differ")
+        if problems:
+            raise ValueError("The processor does not match the model config: " + "; ".join(problems) + ". Build it with "
+                             "PPLLaVAProcessor.from_config(config, tokenizer, prompt_tokenizer).")
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Token counts: the same shared functions as the model's placeholder check
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, columns) of patches per frame: the frame size over the patch size."""
+        size = self.video_processor.size
+        return size.height // self.patch_size, size.width // self.patch_size
+
+    def num_video_tokens(self, num_frames: int, max_visual_tokens: int | None = None) -> int:
+        """Visual tokens the model produces for a `num_frames`-frame video (what its `<video>` expands to)."""
+        budget = max_visual_tokens if max_visual_tokens is not None else self.max_visual_tokens
+        return plan_video_pooling(
+            num_frames, self.patch_grid, self.video_pooling_kernel, self.video_pooling_stride,
+            self.video_pooling_output_size, budget,
+        ).num_tokens
+
+    def num_image_tokens(self, image_size: tuple[int, int]) -> int:
+        """Visual tokens the model produces for an image of `image_size` (height, width)."""
+        pinpoints = self.image_processor.image_grid_pinpoints
+        tile = self.image_processor.crop_size.height
+        tiles = num_anyres_tiles(image_size, pinpoints, tile)
+        pooled_grid = plan_image_pooling(
+            tiles, self.patch_grid, self.image_pooling_kernel, self.image_pooling_stride, self.image_pooling_output_size
+        ).output_size[1:]
+        return num_image_tokens(image_size, pinpoints, tile, pooled_grid)
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs: Unpack[PPLLaVAProcessorKwargs]) -> BatchFeature:
+        """Model inputs for a batch of texts with their videos and images (placeholders in the text, in order)."""
+        texts = self._check_texts(text)
+        merged = self._merge_kwargs(PPLLaVAProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, videos_kwargs = merged["text_kwargs"], merged["videos_kwargs"]
+        return_tensors = text_kwargs.get("return_tensors")
+        return_metadata = videos_kwargs.pop("return_metadata", False)
+
+        if images is not None:
+            images = make_flat_list_of_images(self.image_processor.fetch_images(images))
+        videos = flatten_videos(videos) if videos is not None else []
+        self._check_placeholders(texts, len(images or []), self.image_token, "image")
+        self._check_placeholders(texts, len(videos), self.video_token, "video")
+        prompts = self._pooling_prompts(texts, merged.get("pooling_prompt"), merged.get("chat_pooling_prompt"))
+
+        data, image_texts, video_texts = {}, [], []
+        if images:
+            image_inputs = self.image_processor(images, **merged["images_kwargs"])
+            data.update(image_inputs)
+            image_texts = [self.image_token * self.num_image_tokens(tuple(size)) for size in image_inputs["image_sizes"]]
+        if videos:
+            video_inputs = self.video_processor(videos, return_metadata=True, **videos_kwargs)
+            data["pixel_values_videos"] = video_inputs["pixel_values_videos"]
+            metadata = video_inputs["video_metadata"]
+            if return_metadata:
+                data["video_metadata"] = metadata
+            video_texts = [
+                self.video_token * self.num_video_tokens(len(pixels), merged.get("max_visual_tokens"))
+                + (_timestamps_sentence(meta) if merged.get("add_timestamps") else "")
+                for pixels, meta in zip(data["pixel_values_videos"], metadata)
+            ]
+
+        expanded, replacement_offsets = self.get_text_with_replacements(texts, image_texts, video_texts)
+        text_inputs = self.tokenizer(expanded, **text_kwargs)
+        self._check_visual_spans(expanded, text_inputs, text_kwargs)
+        data.update(text_inputs)
+        data.update(self._encode_pooling_prompts(prompts, return_tensors))
+        if merged.get("return_text_replacement_offsets"):
+            data["text_replacement_offsets"] = replacement_offsets
+        if merged.get("return_mm_token_type_ids"):
+            data["mm_token_type_ids"] = self.create_mm_token_type_ids(text_inputs["input_ids"])
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _check_texts(self, text) -> list[str]:
+        if text is None:
+            raise ValueError("PPLLaVAProcessor needs `text`: the prompt with a <video> / <image> placeholder per input.")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(sample, str) for sample in texts):
+            raise ValueError("`text` must be a string or a non-empty list of strings.")
+        for index, sample in enumerate(texts):
+            if not sample.strip():
+                raise ValueError(f"Text sample {index} is empty; give each sample a prompt.")
+        return texts
+
+    @staticmethod
+    def _check_placeholders(texts: list[str], num_inputs: int, token: str, modality: str) -> None:
+        counts = [sample.count(token) for sample in texts]
+        if sum(counts) == num_inputs:
+            return
+        raise ValueError(
+            f"Got {num_inputs} {modality}(s) but the text has {sum(counts)} {token} placeholder(s) (per sample: {counts}). "
+            f"Put one {token} in the text where each {modality} goes, in the order the {modality}s are given "
+            f"(apply_chat_template writes them from {{'type': '{modality}'}} content)."
+        )
+
+    def clean_prompt_text(self, text: str) -> str:
+        """`text` without placeholders, special tokens and chat-template role markers: the fallback pooling prompt."""
+        text = _TEMPLATE_MARKUP.sub(" ", text)
+        specials = {token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special}
+        for token in sorted(specials | {self.image_token, self.video_token}, key=len, reverse=True):
+            text = text.replace(token, " ")
+        return " ".join(text.split())
+
+    def _pooling_prompts(self, texts: list[str], explicit, from_chat) -> list[str]:
+        explicit = _per_sample(explicit, len(texts), "pooling_prompt")
+        from_chat = _per_sample(from_chat, len(texts), "chat_pooling_prompt")
+        prompts = []
+        for index, (text, given, chat) in enumerate(zip(texts, explicit, from_chat)):
+            prompt = given if given is not None else chat if chat else self.clean_prompt_text(text)
+            if not prompt.strip():
+                raise ValueError(
+                    f"Sample {index} has an empty pooling prompt (its text is only placeholders and markup): add a question "
+                    "to the text, or pass pooling_prompt=... (e.g. 'Describe the video.')."
+                )
+            prompts.append(prompt)
+        return prompts
+
+    def _encode_pooling_prompts(self, prompts: list[str], return_tensors) -> dict:
+        lengths = [len(ids) for ids in self.prompt_tokenizer(prompts)["input_ids"]]
+        cut = [index for index, length in enumerate(lengths) if length > self.prompt_max_length]
+        if cut:
+            logger.warning(
+                f"Pooling prompt(s) of sample(s) {cut} have {[lengths[i] for i in cut]} tokens; they are truncated to the "
+                f"prompt encoder's {self.prompt_max_length} positions."
+            )
+        encoded = self.prompt_tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.prompt_max_length,
+            return_attention_mask=True, return_tensors=return_tensors,
+        )
+        mask = encoded["attention_mask"]
+        if not self.mask_prompt_padding:
+            mask = torch.ones_like(mask) if isinstance(mask, torch.Tensor) else [[1] * len(row) for row in mask]
+        return {"clip_input_ids": encoded["input_ids"], "clip_attention_mask": mask}
+
+    def _check_visual_spans(self, expanded: list[str], text_inputs, text_kwargs: dict) -> None:
+        """Truncation must keep or drop a placeholder span whole, never cut through it."""
+        rows = text_inputs["input_ids"]
+        rows = rows.tolist() if hasattr(rows, "tolist") else rows
+        for token, token_id in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
+            for index, (sample, ids) in enumerate(zip(expanded, rows)):
+                if sample.count(token) == list(ids).count(token_id):
+                    continue
+                dropped = ("truncation", "max_length", "padding", "return_tensors")
+                untruncated = {key: value for key, value in text_kwargs.items() if key not in dropped}
+                needed = len(self.tokenizer(sample, **untruncated)["input_ids"])
+                raise ValueError(
+                    f"max_length={text_kwargs.get('max_length')} cuts through the {token} tokens of sample {index}, which "
+                    f"needs {needed} tokens. Raise max_length to at least {needed}, or shorten the visual span (fewer "
+                    "frames, a smaller max_visual_tokens)."
+                )
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # transformers hooks
+
+    def _multimodal_inputs_from_conversations(self, conversations, *args, **kwargs):
+        """Also pass the last user turn of each conversation, the default pooling prompt of chat inputs."""
+        images, videos, audio, extra = super()._multimodal_inputs_from_conversations(conversations, *args, **kwargs)
+        return images, videos, audio, {**extra, "chat_pooling_prompt": [last_user_text(c) for c in conversations]}
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        # Without torchvision, transformers cannot resolve `VideoProcessorMixin` by name; check it directly.
+        if argument_name == "video_processor":
+            if not isinstance(argument, VideoProcessorMixin):
+                raise TypeError(f"video_processor must be a VideoProcessorMixin, got {type(argument).__name__}.")
+            return VideoProcessorMixin
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values_videos", "clip_input_ids", "clip_attention_mask",
+                "pixel_values", "image_sizes"]
+
+    def _check_frame_sizes(self) -> None:
+        size = self.video_processor.size
+        crop = self.image_processor.crop_size
+        if size.height != size.width or (crop.height, crop.width) != (size.height, size.width):
+            raise ValueError(
+                f"Video frames ({size.height}x{size.width}) and image tiles ({crop.height}x{crop.width}) must both be the "
+                "vision tower's square input size."
+            )
+
+
+def _placeholder_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(
+            f"The tokenizer has no {token!r} token. Add it with tokenizer.add_special_tokens("
+            f"{{'extra_special_tokens': [{token!r}]}}) and resize the model's embeddings."
+        )
+    return token_id
+
+
+def _as_list(value) -> list[int] | None:
+    return None if value is None else [int(v) for v in value]
+
+
+def _per_sample(value, num_samples: int, name: str) -> list:
+    if value is None or isinstance(value, str):
+        return [value] * num_samples
+    if len(value) != num_samples:
+        raise ValueError(f"{name} has {len(value)} entries for {num_samples} text samples; give one per sample.")
+    return list(value)
+
+
+def _timestamps_sentence(metadata) -> str:
+    """The original's optional frame-time message, e.g. " The video contains 4 frames sampled at 0.5, 1.5 seconds."."""
+    try:
+        times = metadata.timestamps
+    except ValueError:
+        raise ValueError(
+            "add_timestamps needs the frame rate of every video: pass files, or `video_metadata=[{'fps': ...}]` for "
+            "frame arrays."
+        ) from None
+    return f" The video contains {len(times)} frames sampled at {', '.join(f'{t:.1f}' for t in times)} seconds."
+
+
+__all__ = ["PPLLaVAProcessor"]
