@@ -32,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokenizer", help="CLIP/SigLIP tokenizer; defaults to the prompt encoder's.")
     parser.add_argument(
         "--base-processor",
-        help="LLaVA-NeXT/OneVision processor (folder or Hub id) for image/video settings and the chat template, e.g. "
-        "llava-hf/llava-v1.6-vicuna-7b-hf or llava-hf/llava-onevision-qwen2-7b-si-hf.",
+        help="LLaVA-NeXT/OneVision processor (folder or Hub id) whose LLM tokenizer is used when the checkpoint has none, "
+        "e.g. llava-hf/llava-v1.6-vicuna-7b-hf or llava-hf/llava-onevision-qwen2-7b-si-hf. Image/video preprocessing and "
+        "the chat template follow the converted config (PPLLaVA's own templates).",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="Cast the weights (default: keep the checkpoint's).")
     parser.add_argument("--verify", action="store_true", help="Load the result and check it (self-consistency).")

@@ -167,6 +167,7 @@ _PPLLAVA_FIELDS = dict(
 def vicuna_layout(
     btadapter_depth: int | None = 2,
     vocab: int = 1064,
+    image_token_index: int = 1000,
     hidden: int = 64,
     intermediate: int = 128,
     layers: int = 2,
@@ -184,7 +185,7 @@ def vicuna_layout(
         qwen=False,
         btadapter=btadapter_depth is not None,
         btadapter_depth=btadapter_depth or 4,
-        image_token_index=1000,
+        image_token_index=image_token_index,
         pad_token_id=0,
         hidden_size=hidden,
         vision_feature_layer=-2,

@@ -114,7 +114,7 @@ def test_video_token_skips_rows_the_llava_config_names():
 
 def test_no_free_row_for_the_video_token_is_an_error_that_says_what_to_do():
     llava, clip = tiny_backbones("vicuna", image_token_index=319)  # the last of 320 rows
-    with pytest.raises(ValueError, match=r"no free row after the image token \(319\).*video_token_id="):
+    with pytest.raises(ValueError, match=r"no free row after id 319 for the video placeholder.*video_token_id="):
         build_ppllava_from_backbones(llava, clip)
 
 

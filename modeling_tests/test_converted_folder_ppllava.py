@@ -14,17 +14,22 @@ import types
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import AutoModelForImageTextToText, AutoProcessor, TokenizersBackend
 
-from original_format import FIXTURE
+from original_format import FIXTURE, vicuna_layout, write_original_checkpoint
 from ppllava_hf import checkpoint_conversion_ppllava, original_checkpoint_ppllava, remote_code_ppllava
 from ppllava_hf.checkpoint_conversion_ppllava import convert_checkpoint
 from ppllava_hf.conversion_ppllava import ConversionError
 from ppllava_hf.model_card_ppllava import usage_snippet
 from ppllava_hf.original_checkpoint_ppllava import OriginalCheckpoint
-from ppllava_hf.tiny_ppllava import tiny_config
+from ppllava_hf.tiny_ppllava import tiny_config, tiny_prompt_tokenizer, tiny_tokenizer
 
 
 CHECKPOINT = FIXTURE / "checkpoint"
@@ -326,16 +331,93 @@ def test_cli_fails_when_the_reference_outputs_do_not_match(tmp_path, capsys):
 # The processor step
 
 
-def test_a_checkpoint_with_a_tokenizer_is_refused_before_any_weight_is_written(tmp_path):
-    """This version has no PPLLaVAProcessor: a folder that could have one is not converted without it."""
-    folder = tmp_path / "original"
-    shutil.copytree(CHECKPOINT, folder)
-    (folder / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(NotImplementedError, match="PPLLaVAProcessor"):
-        convert_checkpoint(str(folder), str(tmp_path / "converted"))
-    assert not (tmp_path / "converted").exists()
+@pytest.fixture(scope="module")
+def tokenizer_sources(tmp_path_factory) -> SimpleNamespace:
+    """A synthetic Vicuna-layout checkpoint whose vocabulary fits the tiny tokenizers, and those tokenizers saved."""
+    root = tmp_path_factory.mktemp("with-tokenizer")
+    write_original_checkpoint(str(root / "original"), vicuna_layout(vocab=320, image_token_index=300))
+    tiny_tokenizer("vicuna", image_token_id=300, video_token_id=301).save_pretrained(root / "tokenizer")
+    tiny_prompt_tokenizer("vicuna", vocab_size=512).save_pretrained(root / "prompt_tokenizer")
+    return SimpleNamespace(checkpoint=root / "original", tokenizer=root / "tokenizer", prompt_tokenizer=root / "prompt_tokenizer")
 
 
-def test_a_tokenizer_source_is_refused_the_same_way(tmp_path):
-    with pytest.raises(NotImplementedError, match="LLM tokenizer lmsys/vicuna-7b-v1.5"):
-        convert_checkpoint(str(CHECKPOINT), str(tmp_path / "converted"), tokenizer="lmsys/vicuna-7b-v1.5")
+@pytest.fixture(scope="module")
+def folder_with_processor(tokenizer_sources, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("converted") / "ppllava-with-processor"
+    result = convert_checkpoint(
+        str(tokenizer_sources.checkpoint), str(output), tokenizer=str(tokenizer_sources.tokenizer),
+        prompt_tokenizer=str(tokenizer_sources.prompt_tokenizer), remote_code=True,
+    )
+    assert result.processor_saved
+    return output
+
+
+def test_a_tokenizer_source_gives_a_processor_that_feeds_the_converted_model(folder_with_processor):
+    processor = AutoProcessor.from_pretrained(folder_with_processor)
+    model = AutoModelForImageTextToText.from_pretrained(folder_with_processor).eval()
+    ids = (processor.image_token_id, processor.video_token_id)
+    assert ids == (300, 301) == (model.config.image_token_id, model.config.video_token_id)
+    video = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    inputs = processor(text="USER: <video>\nwhat does the cat do? ASSISTANT:", videos=video)
+    assert int((inputs["input_ids"] == 301).sum()) == model.model.video_pooling_plan(8).num_tokens
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_a_tokenizer_without_a_video_token_gets_one_on_a_free_row(tokenizer_sources, tmp_path):
+    """LLaVA-NeXT tokenizers have <image> but no <video>; Vicuna's has <pad> right after <image>, so the video
+    placeholder goes after that, and the converted config follows the tokenizer."""
+    vocab = {f"word{i}": i for i in range(300)} | {"<image>": 300, "<pad>": 301}
+    backend = Tokenizer(WordLevel(vocab, unk_token="word0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    TokenizersBackend(tokenizer_object=backend, pad_token="<pad>", unk_token="word0").save_pretrained(tmp_path / "tokenizer")
+    output = tmp_path / "converted"
+    result = convert_checkpoint(
+        str(tokenizer_sources.checkpoint), str(output), tokenizer=str(tmp_path / "tokenizer"),
+        prompt_tokenizer=str(tokenizer_sources.prompt_tokenizer),
+    )
+    assert result.config.video_token_id == 302
+    assert json.loads((output / "config.json").read_text())["video_token_id"] == 302
+    assert AutoProcessor.from_pretrained(output).video_token_id == 302
+
+
+def test_a_tokenizer_whose_image_token_disagrees_with_the_checkpoint_is_refused(tokenizer_sources, tmp_path):
+    tiny_tokenizer("vicuna", image_token_id=200, video_token_id=201).save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ConversionError, match="tokenizer's <image> is 200, the checkpoint's image placeholder 300"):
+        convert_checkpoint(
+            str(tokenizer_sources.checkpoint), str(tmp_path / "converted"), tokenizer=str(tmp_path / "tokenizer"),
+            prompt_tokenizer=str(tokenizer_sources.prompt_tokenizer),
+        )
+    assert not (tmp_path / "converted" / "model.safetensors").exists()
+
+
+_LOAD_REMOTE_PROCESSOR = textwrap.dedent(
+    r"""
+    import json
+    import numpy as np
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = sys.argv[1]
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    video = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    inputs = processor(text="USER: <video>\nwhat does the cat do? ASSISTANT:", videos=video)
+    output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    print(json.dumps({
+        "processor_class": type(processor).__module__ + "." + type(processor).__name__,
+        "video_processor_class": type(processor.video_processor).__name__,
+        "new_tokens": output.shape[1] - inputs["input_ids"].shape[1],
+    }))
+    """
+)
+
+
+def test_remote_code_processor_loads_and_feeds_the_model_without_ppllava_hf(folder_with_processor, tmp_path):
+    run = _run_without_ppllava(_LOAD_REMOTE_PROCESSOR, str(folder_with_processor), home=tmp_path)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["processor_class"].startswith("transformers_modules.")
+    assert result["processor_class"].endswith("processing_ppllava.PPLLaVAProcessor")
+    assert result["video_processor_class"] == "PPLLaVAVideoProcessor"
+    assert result["new_tokens"] == 3

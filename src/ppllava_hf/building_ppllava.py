@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 
 from .alignment_ppllava import stretch_position_embeddings
-from .configuration_ppllava import PPLLaVAConfig
+from .configuration_ppllava import PPLLaVAConfig, first_free_token_id
 from .conversion_ppllava import ORIGINAL_PROMPT_KEEP_POSITIONS, ORIGINAL_PROMPT_STRETCH, expected_state
 from .modeling_ppllava import PPLLaVAForConditionalGeneration
 
@@ -268,21 +268,12 @@ def _config_from_backbones(
 def _free_video_token_id(llava_config: PreTrainedConfig) -> int:
     """The first embedding row after the image token that the LLaVA config names for nothing else (pad, BOS, EOS)."""
     text_config = llava_config.text_config
-    taken = {llava_config.image_token_id}
-    for owner in (llava_config, text_config):
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(owner, name, None)
-            taken.update(value if isinstance(value, list) else [value])
-    candidate = llava_config.image_token_id + 1
-    while candidate in taken:
-        candidate += 1
-    if candidate >= text_config.vocab_size:
-        raise ValueError(
-            f"The LLaVA vocabulary ({text_config.vocab_size} rows) has no free row after the image token "
-            f"({llava_config.image_token_id}) for the video placeholder. Pass video_token_id=<a row your tokenizer "
-            "does not use>, or grow the LLaVA embeddings first (llava.resize_token_embeddings(...))."
-        )
-    return candidate
+    taken = [
+        getattr(owner, name, None)
+        for owner in (llava_config, text_config)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+    ]
+    return first_free_token_id(llava_config.image_token_id, text_config.vocab_size, taken)
 
 
 def _alignment_weights(

@@ -80,7 +80,7 @@ def convert_checkpoint(
     sources = find_processor_sources(checkpoint, prompt_source, tokenizer, prompt_tokenizer, base_processor)
     processor_saved = save_processor(sources, output_folder, config)
     weight_map = convert_weights(checkpoint.folder, output_folder, config, dtype=dtype, allow_pickle=allow_pickle)
-    remote_code_files = save_remote_code(output_folder, config) if remote_code else []
+    remote_code_files = save_remote_code(output_folder, config, with_processor=processor_saved) if remote_code else []
     config.save_pretrained(output_folder)
     save_generation_config(checkpoint, output_folder, config)
     card = build_model_card(

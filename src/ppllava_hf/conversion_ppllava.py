@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from .configuration_ppllava import PPLLaVAConfig
+from .configuration_ppllava import PPLLaVAConfig, first_free_token_id
 from .modeling_ppllava import PPLLaVAForConditionalGeneration
 
 
@@ -94,6 +94,15 @@ def convert_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _free_video_row(original: dict, image_token_id: int) -> int:
+    text = original["text_config"]
+    taken = [owner.get(name) for owner in (original, text) for name in ("pad_token_id", "bos_token_id", "eos_token_id")]
+    try:
+        return first_free_token_id(image_token_id, text["vocab_size"], taken)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+
+
 def _stretched_positions(source_positions: int) -> int:
     return ORIGINAL_PROMPT_KEEP_POSITIONS + ORIGINAL_PROMPT_STRETCH * (source_positions - ORIGINAL_PROMPT_KEEP_POSITIONS)
 
@@ -144,9 +153,10 @@ def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
     image_stride = original.get("image_pooling_stride") or video_stride
     output_size = original.get("pllava_pooling_shape") if video_kernel is None else None
     image_token_id = original["image_token_index"]
-    # llava_onevision configs name a video placeholder; llava_next ones do not, and the id after the image
-    # placeholder is a free row of their padded vocabulary.
-    video_token_id = original.get("video_token_index") or image_token_id + 1
+    # llava_onevision configs name a video placeholder; llava_next ones do not, and take the first row after the image
+    # placeholder that the configs use for nothing else. A tokenizer, when there is one, has the last word: the
+    # processor step moves the placeholder to the tokenizer's `<video>` (see `processor_conversion_ppllava`).
+    video_token_id = original.get("video_token_index") or _free_video_row(original, image_token_id)
     config = PPLLaVAConfig(
         vision_config=vision,
         text_config=original["text_config"],
@@ -178,11 +188,7 @@ def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
         raise ConversionError(
             f"frame_shape={frame_shape} disagrees with the vision tower's {config.patch_grid} patch grid."
         )
-    if video_token_id >= config.text_config.vocab_size:
-        raise ConversionError(
-            f"No free embedding row for the video placeholder: id {video_token_id} >= vocab size "
-            f"{config.text_config.vocab_size}."
-        )
+
     return config
 
 

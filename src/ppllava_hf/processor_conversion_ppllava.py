@@ -1,18 +1,22 @@
 """The processor step of checkpoint conversion, kept apart from the config and weight steps.
 
 A converted folder's processor joins the LLM tokenizer (which must know the image/video placeholders), the prompt
-tokenizer of the CLIP/SigLIP prompt encoder (for `clip_input_ids`), the image/video preprocessing settings and the chat
-template of the LLaVA-NeXT/OneVision base. This version of ppllava_hf has no `PPLLaVAProcessor` yet, so the step only
-handles a checkpoint with no tokenizer anywhere (like the tiny test fixture): it writes nothing and says so. Given a
-tokenizer it refuses, before any weight is converted, rather than leave out a processor it could have written.
+tokenizer of the CLIP/SigLIP prompt encoder (for `clip_input_ids`) and the image/video preprocessing and chat template
+that `PPLLaVAProcessor.from_config` derives from the converted config. A checkpoint with no tokenizer anywhere (like the
+tiny test fixture) still converts: config, weights and model card, with a warning that no processor was written.
 """
 
 import logging
 import os
 from dataclasses import dataclass
 
+from tokenizers import AddedToken
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
 from .configuration_ppllava import PPLLaVAConfig
+from .conversion_ppllava import ConversionError
 from .original_checkpoint_ppllava import OriginalCheckpoint, folder_has_tokenizer
+from .processing_ppllava import PPLLaVAProcessor
 
 
 logger = logging.getLogger(__name__)
@@ -47,7 +51,8 @@ def save_processor(sources: ProcessorSources, output_folder: str, config: PPLLaV
     """Write the processor of a converted checkpoint into `output_folder`; returns whether one was written.
 
     Without an LLM tokenizer there is nothing to build a processor from: the folder gets config, weights and model card
-    only, with a warning. `config` is what the processor must agree with (placeholder ids, pooling sizes).
+    only, with a warning. Otherwise `config.video_token_id` follows the tokenizer's `<video>` (added when missing), so
+    that the two agree; the config must be saved after this step.
     """
     if sources.tokenizer is None:
         logger.warning(
@@ -57,7 +62,34 @@ def save_processor(sources: ProcessorSources, output_folder: str, config: PPLLaV
             output_folder,
         )
         return False
-    raise NotImplementedError(
-        f"Writing the processor (LLM tokenizer {sources.tokenizer}, prompt tokenizer {sources.prompt_tokenizer}) needs "
-        "PPLLaVAProcessor, which this version of ppllava_hf does not have yet."
-    )
+    if sources.prompt_tokenizer is None:
+        raise ConversionError(
+            "The LLM tokenizer was found but not the prompt encoder's: pass --prompt-tokenizer (the CLIP/SigLIP model "
+            "named by the checkpoint's clip_weight, e.g. openai/clip-vit-large-patch14-336)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer)
+    place_placeholders(tokenizer, config)
+    prompt_tokenizer = AutoTokenizer.from_pretrained(sources.prompt_tokenizer)
+    PPLLaVAProcessor.from_config(config, tokenizer, prompt_tokenizer).save_pretrained(output_folder)
+    return True
+
+
+def place_placeholders(tokenizer: PreTrainedTokenizerBase, config: PPLLaVAConfig) -> None:
+    """Make `tokenizer` and `config` agree on the placeholders: `<image>` must already be the checkpoint's image id;
+    `<video>` is added as a special token when the tokenizer lacks it (LLaVA-NeXT tokenizers do), and the config takes
+    its id, which must be a row of the LLM's embeddings."""
+    vocab = tokenizer.get_vocab()
+    if vocab.get("<image>") != config.image_token_id:
+        raise ConversionError(
+            f"The LLM tokenizer's <image> is {vocab.get('<image>')}, the checkpoint's image placeholder "
+            f"{config.image_token_id}: give the tokenizer the checkpoint was trained with (--tokenizer)."
+        )
+    if "<video>" not in vocab:
+        tokenizer.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
+    video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    if video_token_id >= config.text_config.vocab_size:
+        raise ConversionError(
+            f"The tokenizer puts <video> at id {video_token_id}, past the LLM's {config.text_config.vocab_size} "
+            "embedding rows; the checkpoint has no row for a video placeholder."
+        )
+    config.video_token_id = video_token_id
