@@ -9,7 +9,8 @@
     # Tiny random backbones, no download (a smoke test):
     python examples/build_from_backbones.py --tiny vicuna --output-dir /tmp/ppllava-tiny
 
-The folder loads with `AutoModelForImageTextToText.from_pretrained(folder)` after `import ppllava_hf`.
+The folder holds the model and its processor (the LLaVA folder's tokenizer, the CLIP/SigLIP folder's tokenizer) and
+loads with `AutoModelForImageTextToText` / `AutoProcessor.from_pretrained(folder)` after `import ppllava_hf`.
 """
 
 import argparse
@@ -19,16 +20,9 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import ppllava_hf  # noqa: F401  (registers PPLLaVA with the Auto classes)
-from ppllava_hf.building_ppllava import build_ppllava_from_backbones
+from ppllava_hf.building_ppllava import build_ppllava_from_backbones, build_ppllava_processor
 from ppllava_hf.freezing_ppllava import FREEZING_PRESETS, apply_freezing_preset
-from ppllava_hf.tiny_ppllava import tiny_backbones
-
-
-PROCESSOR_NOTE = (
-    "No processor was saved: ppllava_hf has no PPLLaVA processor yet. Once it exists, this example saves it next to "
-    "the weights; until then the folder holds the model only. A processor paired with it must use id "
-    "{video_token_id} for the video placeholder and id {image_token_id} for the image placeholder."
-)
+from ppllava_hf.tiny_ppllava import tiny_backbones, tiny_prompt_tokenizer, tiny_tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,6 +54,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def save_tiny_backbones(layout: str, folder: str) -> tuple[str, str]:
+    """Tiny random backbones saved like real ones: the LLaVA folder with its LLM tokenizer, the CLIP/SigLIP folder with
+    its tokenizer."""
+    llava, clip = tiny_backbones(layout)
+    llava.save_pretrained(f"{folder}/llava")
+    tiny_tokenizer(layout, llava.config.image_token_id, llava.config.image_token_id + 1).save_pretrained(f"{folder}/llava")
+    clip.save_pretrained(f"{folder}/clip")
+    tiny_prompt_tokenizer(layout, clip.config.text_config.vocab_size).save_pretrained(f"{folder}/clip")
+    return f"{folder}/llava", f"{folder}/clip"
+
+
 def main() -> None:
     args = parse_args()
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -72,12 +77,12 @@ def main() -> None:
     )
     if args.tiny:
         with tempfile.TemporaryDirectory() as folder:
-            llava, clip = tiny_backbones(args.tiny)
-            llava.save_pretrained(f"{folder}/llava")
-            clip.save_pretrained(f"{folder}/clip")
-            model = build_ppllava_from_backbones(f"{folder}/llava", f"{folder}/clip", **options)
+            llava, clip = save_tiny_backbones(args.tiny, folder)
+            model = build_ppllava_from_backbones(llava, clip, **options)
+            processor = build_ppllava_processor(llava, clip, model.config)
     else:
         model = build_ppllava_from_backbones(args.llava, args.clip, **options)
+        processor = build_ppllava_processor(args.llava, args.clip, model.config)
 
     print(f"\nTrainable parameters under the {args.preset!r} preset ({FREEZING_PRESETS[args.preset]}):")
     print(apply_freezing_preset(model, args.preset))
@@ -87,8 +92,11 @@ def main() -> None:
             "MISSING): they start with a zero output projection and CLS, and learn in the SFT stage."
         )
     model.save_pretrained(args.output_dir)
-    print(f"\nSaved PPLLaVA to {args.output_dir}.")
-    print(PROCESSOR_NOTE.format(video_token_id=model.config.video_token_id, image_token_id=model.config.image_token_id))
+    processor.save_pretrained(args.output_dir)
+    print(
+        f"\nSaved PPLLaVA and its processor to {args.output_dir} (placeholders: <image>={model.config.image_token_id}, "
+        f"<video>={model.config.video_token_id})."
+    )
 
     if args.verify:
         reloaded = AutoModelForImageTextToText.from_pretrained(args.output_dir, dtype=model.dtype).eval()

@@ -1,19 +1,23 @@
 """Building a fresh PPLLaVA from tiny random backbones saved to folders: LLaVA-NeXT + CLIP (`vicuna`) and
 LLaVA-OneVision + SigLIP (`qwen`)."""
 
+import copy
+import runpy
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForImageTextToText, CLIPModel, PreTrainedModel
+from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel, PreTrainedModel
 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAForConditionalGeneration
 from ppllava_hf.alignment_ppllava import stretch_position_embeddings
-from ppllava_hf.building_ppllava import FRESH_KEY_PREFIXES, build_ppllava_from_backbones
-from ppllava_hf.tiny_ppllava import tiny_backbones
+from ppllava_hf.building_ppllava import FRESH_KEY_PREFIXES, build_ppllava_from_backbones, build_ppllava_processor
+from ppllava_hf.tiny_ppllava import tiny_backbones, tiny_prompt_tokenizer, tiny_tokenizer
 
 
 LAYOUTS = ["vicuna", "qwen"]
@@ -303,3 +307,31 @@ def test_saved_folder_reloads_with_the_auto_class_and_gives_identical_logits(bui
     batch = video_batch(built.model)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, built.model(**batch).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processor
+
+
+def test_processor_comes_from_the_backbone_tokenizers_and_feeds_the_built_model(built, tmp_path):
+    llava_image_id = built.llava.config.image_token_id
+    tiny_tokenizer(built.layout, llava_image_id, llava_image_id + 1).save_pretrained(tmp_path / "llava")
+    tiny_prompt_tokenizer(built.layout, built.clip.config.text_config.vocab_size).save_pretrained(tmp_path / "clip")
+    config = copy.deepcopy(built.model.config)
+    processor = build_ppllava_processor(tmp_path / "llava", tmp_path / "clip", config, num_frames=4)
+    assert (processor.image_token_id, processor.video_token_id) == (config.image_token_id, config.video_token_id)
+    video = np.random.default_rng(0).integers(0, 255, (6, 48, 64, 3), dtype=np.uint8)
+    inputs = processor(text="what is in the video? <video>", videos=video, do_sample_frames=True)
+    assert int((inputs["input_ids"] == config.video_token_id).sum()) == built.model.model.video_pooling_plan(4).num_tokens
+    with torch.no_grad():
+        assert torch.isfinite(built.model(**inputs).logits).all()
+
+
+def test_the_example_builds_a_folder_the_auto_classes_load(tmp_path, monkeypatch, capsys):
+    script = Path(__file__).parents[1] / "examples" / "build_from_backbones.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--tiny", "vicuna", "--output-dir", str(tmp_path), "--verify"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert "text logits identical" in capsys.readouterr().out
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert processor.video_token_id == model.config.video_token_id

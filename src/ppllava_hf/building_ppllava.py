@@ -18,12 +18,20 @@ import re
 from collections.abc import Iterator
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 
 from .alignment_ppllava import stretch_position_embeddings
 from .configuration_ppllava import PPLLaVAConfig, first_free_token_id
 from .conversion_ppllava import ORIGINAL_PROMPT_KEEP_POSITIONS, ORIGINAL_PROMPT_STRETCH, expected_state
 from .modeling_ppllava import PPLLaVAForConditionalGeneration
+from .processing_ppllava import PPLLaVAProcessor, align_placeholder_tokens
 
 
 LLAVA_MODEL_TYPES = ("llava_next", "llava_onevision")
@@ -346,4 +354,16 @@ def _check_filled(state: dict[str, torch.Tensor], config: PPLLaVAConfig) -> None
         raise ValueError("The backbones do not compose into a PPLLaVA:\n- " + "\n- ".join(problems))
 
 
-__all__ = ["build_ppllava_from_backbones"]
+def build_ppllava_processor(
+    llava: str | os.PathLike, clip: str | os.PathLike, config: PPLLaVAConfig, num_frames: int = 32
+) -> PPLLaVAProcessor:
+    """The processor of a PPLLaVA built from these backbones: the LLaVA folder's LLM tokenizer (with `<video>` added
+    when it has none; `config.video_token_id` follows it) and the CLIP/SigLIP folder's tokenizer as prompt tokenizer,
+    with preprocessing, pooling settings and chat template derived from `config`."""
+    tokenizer = AutoTokenizer.from_pretrained(llava)
+    align_placeholder_tokens(tokenizer, config)
+    prompt_tokenizer = AutoTokenizer.from_pretrained(clip)
+    return PPLLaVAProcessor.from_config(config, tokenizer, prompt_tokenizer, num_frames=num_frames)
+
+
+__all__ = ["build_ppllava_from_backbones", "build_ppllava_processor"]

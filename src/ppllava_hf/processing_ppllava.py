@@ -8,6 +8,7 @@ tokenizer (CLIP or SigLIP): the text that guides which patches the model keeps w
 import re
 
 import torch
+from tokenizers import AddedToken
 from transformers import LlavaNextImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
@@ -400,6 +401,27 @@ class PPLLaVAProcessor(ProcessorMixin):
                 f"Video frames ({size.height}x{size.width}) and image tiles ({crop.height}x{crop.width}) must both be the "
                 "vision tower's square input size."
             )
+
+
+def align_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, config: PPLLaVAConfig) -> None:
+    """Make an LLM tokenizer and a config agree on the placeholders: `<image>` must already be the config's image id;
+    `<video>` is added as a special token when missing (LLaVA-NeXT tokenizers have none) and the config takes its id,
+    which must be a row of the LLM's embeddings. Raises `ValueError` otherwise."""
+    vocab = tokenizer.get_vocab()
+    if vocab.get("<image>") != config.image_token_id:
+        raise ValueError(
+            f"The LLM tokenizer's <image> is {vocab.get('<image>')}, the checkpoint's image placeholder "
+            f"{config.image_token_id}: use the tokenizer the model was trained with."
+        )
+    if "<video>" not in vocab:
+        tokenizer.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
+    video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    if video_token_id >= config.text_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer puts <video> at id {video_token_id}, past the LLM's {config.text_config.vocab_size} "
+            "embedding rows; the model has no row for a video placeholder (grow its embeddings first)."
+        )
+    config.video_token_id = video_token_id
 
 
 def _placeholder_id(tokenizer, token: str) -> int:

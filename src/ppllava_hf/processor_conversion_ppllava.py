@@ -10,13 +10,12 @@ import logging
 import os
 from dataclasses import dataclass
 
-from tokenizers import AddedToken
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 
 from .configuration_ppllava import PPLLaVAConfig
 from .conversion_ppllava import ConversionError
 from .original_checkpoint_ppllava import OriginalCheckpoint, folder_has_tokenizer
-from .processing_ppllava import PPLLaVAProcessor
+from .processing_ppllava import PPLLaVAProcessor, align_placeholder_tokens
 
 
 logger = logging.getLogger(__name__)
@@ -68,28 +67,10 @@ def save_processor(sources: ProcessorSources, output_folder: str, config: PPLLaV
             "named by the checkpoint's clip_weight, e.g. openai/clip-vit-large-patch14-336)."
         )
     tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer)
-    place_placeholders(tokenizer, config)
+    try:
+        align_placeholder_tokens(tokenizer, config)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
     prompt_tokenizer = AutoTokenizer.from_pretrained(sources.prompt_tokenizer)
     PPLLaVAProcessor.from_config(config, tokenizer, prompt_tokenizer).save_pretrained(output_folder)
     return True
-
-
-def place_placeholders(tokenizer: PreTrainedTokenizerBase, config: PPLLaVAConfig) -> None:
-    """Make `tokenizer` and `config` agree on the placeholders: `<image>` must already be the checkpoint's image id;
-    `<video>` is added as a special token when the tokenizer lacks it (LLaVA-NeXT tokenizers do), and the config takes
-    its id, which must be a row of the LLM's embeddings."""
-    vocab = tokenizer.get_vocab()
-    if vocab.get("<image>") != config.image_token_id:
-        raise ConversionError(
-            f"The LLM tokenizer's <image> is {vocab.get('<image>')}, the checkpoint's image placeholder "
-            f"{config.image_token_id}: give the tokenizer the checkpoint was trained with (--tokenizer)."
-        )
-    if "<video>" not in vocab:
-        tokenizer.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
-    video_token_id = tokenizer.convert_tokens_to_ids("<video>")
-    if video_token_id >= config.text_config.vocab_size:
-        raise ConversionError(
-            f"The tokenizer puts <video> at id {video_token_id}, past the LLM's {config.text_config.vocab_size} "
-            "embedding rows; the checkpoint has no row for a video placeholder."
-        )
-    config.video_token_id = video_token_id
