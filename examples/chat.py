@@ -1,0 +1,134 @@
+"""Chat with PPLLaVA about a video or an image in the terminal; answers stream token by token.
+
+    python examples/chat.py --video clip.mp4 --model path/to/converted/ppllava
+    python examples/chat.py --message "What happens?" --message "And then?"      # embedded default, sample clip
+
+Type a message and press Enter; an empty line, /exit or Ctrl-D ends the chat. Messages can also come from --message
+(repeat it) or from piped stdin, one per line.
+
+Which prompt pools the video: PPLLaVA keeps the visual tokens that match a prompt. The video (or image) is encoded
+once, pooled under the FIRST question, and those tokens are reused for every later turn (no re-encoding, so follow-up
+turns cost only the language model). --repool re-encodes it under each new question instead: slower, but every
+answer then sees the tokens its own question selects.
+"""
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import TextStreamer
+
+from ppllava_cli import EMBEDDED_DEFAULT_NOTE, LoadedModel, add_model_arguments, load_model
+from ppllava_hf import decode_video
+from ppllava_hf.embedded_default_ppllava import write_sample_video
+
+
+class VisualChat:
+    """A multi-turn conversation about one video or image, keeping its encoded visual tokens between turns.
+
+    Args:
+        loaded: the model and processor.
+        media: `{"type": "video", "video": frames}` or `{"type": "image", "image": PIL image}`: a chat content block,
+            already decoded so that later turns do not read the file again.
+        processor_kwargs: per-call processor options (e.g. `max_visual_tokens`).
+        max_new_tokens: answer length limit.
+        repool: re-encode the media under each new question instead of reusing the first turn's tokens.
+    """
+
+    def __init__(self, loaded: LoadedModel, media: dict, processor_kwargs: dict, max_new_tokens: int, repool: bool = False):
+        self.model, self.processor = loaded.model, loaded.processor
+        self.media = media
+        self.processor_kwargs = processor_kwargs
+        self.max_new_tokens = max_new_tokens
+        self.repool = repool
+        self.messages: list[dict] = []
+        self.encoded = None
+
+    @torch.no_grad()
+    def ask(self, text: str, streamer: TextStreamer | None = None) -> str:
+        """Answer `text` given the conversation so far (streamed to `streamer` as it is generated)."""
+        content = [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": [self.media, *content] if not self.messages else content})
+        inputs = self.processor.apply_chat_template(
+            self.messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+            processor_kwargs=self.processor_kwargs,
+        ).to(self.model.device, dtype=self.model.dtype)
+        if self.encoded is None or self.repool:
+            self.encoded = self.model.encode_multimodal(
+                input_ids=inputs["input_ids"],
+                pixel_values=inputs.get("pixel_values"),
+                image_sizes=inputs.get("image_sizes"),
+                pixel_values_videos=inputs.get("pixel_values_videos"),
+                clip_input_ids=inputs["clip_input_ids"],
+                clip_attention_mask=inputs["clip_attention_mask"],
+                max_visual_tokens=self.processor_kwargs.get("max_visual_tokens"),
+            )
+        output = self.model.generate(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], mm_encoder_outputs=self.encoded,
+            max_new_tokens=self.max_new_tokens, do_sample=False, streamer=streamer,
+        )
+        answer = self.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return answer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    media = parser.add_mutually_exclusive_group()
+    media.add_argument("--video", help="Video file (default: the embedded default's sample clip).")
+    media.add_argument("--image", help="Image file.")
+    parser.add_argument("--message", action="append", help="A user message; repeat for more turns (else read stdin).")
+    parser.add_argument("--repool", action="store_true", help="Re-encode the video under each new question.")
+    add_model_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def load_media(args: argparse.Namespace, processor, workdir: Path) -> dict:
+    """The chat content block for --video / --image, decoded once (the sample clip when neither is given)."""
+    if args.image:
+        return {"type": "image", "image": Image.open(args.image).convert("RGB")}
+    path = args.video or write_sample_video(workdir / "sample.mp4")
+    frames, _ = decode_video(path, num_frames=args.num_frames or processor.video_processor.num_frames)
+    return {"type": "video", "video": frames}
+
+
+def user_messages(args: argparse.Namespace):
+    """The --message texts, or lines typed (or piped) on stdin until an empty line, /exit or end of input."""
+    if args.message:
+        for message in args.message:
+            print(f"you> {message}")
+            yield message
+        return
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline().strip()
+        if not interactive and line:
+            print(f"you> {line}")
+        if line in ("", "/exit"):
+            return
+        yield line
+
+
+def main(argv: list[str] | None = None) -> VisualChat:
+    args = parse_args(argv)
+    loaded = load_model(args)
+    if loaded.is_embedded_default:
+        print(f"[{EMBEDDED_DEFAULT_NOTE}]")
+    with tempfile.TemporaryDirectory() as workdir:
+        media = load_media(args, loaded.processor, Path(workdir))
+    chat = VisualChat(loaded, media, loaded.processor_kwargs(args), args.max_new_tokens, args.repool)
+    streamer = TextStreamer(loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    for message in user_messages(args):
+        print("ppllava> ", end="", flush=True)
+        chat.ask(message, streamer)
+    return chat
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Multiple-choice video QA accuracy (MVBench style) of a PPLLaVA model, per task type, with a results JSON.
+
+    python examples/evaluate_mcq.py --data mvbench.json --video-root /data/MVBench/video --model path/to/ppllava \
+        --output results.json --num-frames 32
+    # the embedded default on a 5-question sample about the quickstart's clip (random model: chance-level accuracy)
+    python examples/evaluate_mcq.py --data examples/data/red_ball_mcq.json --video-root quickstart-output --output results.json
+
+--data: a JSON list of {"video", "question", "candidates": [...], "answer": <one of the candidates>, "task_type"}, with
+optional clip bounds "start" / "end" in seconds (MVBench's names). Video paths are relative to --video-root (default:
+the JSON file's folder).
+
+Prompt, as PPLLaVA's MVBench evaluation builds it: the user turn is MVBench's system instruction, then
+"Question: ...\\nOptions:\\n(A) ...\\n(B) ..." and "\\nOnly give the best option."; the assistant turn is pre-filled
+with "Best option:(" so the model answers with a letter. The question and options (without the instruction) are the
+pooling prompt. The chosen option is the letter the answer starts with (else the first "(X)" in it, else the one
+candidate whose text it contains); no option counts as wrong. Accuracy is reported per task type, over all questions,
+and as the mean of the task accuracies (MVBench's headline number when tasks are equally large).
+"""
+
+import argparse
+import json
+import re
+import string
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ppllava_cli import EMBEDDED_DEFAULT_NOTE, LoadedModel, add_model_arguments, answer_batch, decode_or_error, load_model
+
+
+MVBENCH_SYSTEM = (
+    "Carefully watch the video and pay attention to the cause and sequence of events, the detail and movement of "
+    "objects, and the action and pose of persons. Based on your observations, select the best option that accurately "
+    "addresses the question.\n"
+)
+QUESTION_SUFFIX = "\nOnly give the best option."
+ANSWER_PREFILL = "Best option:("
+
+
+def option_letter(index: int) -> str:
+    return string.ascii_uppercase[index]
+
+
+def question_block(sample: dict) -> str:
+    """'Question: ...\\nOptions:\\n(A) ...\\n(B) ...': the question with lettered candidates (also the pooling prompt)."""
+    options = "\n".join(f"({option_letter(index)}) {candidate}" for index, candidate in enumerate(sample["candidates"]))
+    return f"Question: {sample['question']}\nOptions:\n{options}"
+
+
+def mcq_prompt(processor, sample: dict) -> str:
+    """The full prompt text: the chat-templated user turn (video, instruction, question block) and the prefilled answer."""
+    text = MVBENCH_SYSTEM + question_block(sample) + QUESTION_SUFFIX
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFILL
+
+
+def extract_option(generated: str, candidates: Sequence[str]) -> str | None:
+    """The option letter a generated answer picks (the text after the prefilled "("), or `None`.
+
+    In order: a valid letter that starts the answer and is not the start of a word ("B) dancing", "B", "B."); the first
+    "(X)" with a valid letter; the only candidate whose text the answer contains (case-insensitive).
+    """
+    letters = {option_letter(index) for index in range(len(candidates))}
+    text = generated.strip()
+    if text[:1] in letters and not text[1:2].isalpha():
+        return text[0]
+    for letter in re.findall(r"\(([A-Z])\)", text):
+        if letter in letters:
+            return letter
+    named = [option_letter(index) for index, candidate in enumerate(candidates) if candidate.lower() in text.lower()]
+    return named[0] if len(named) == 1 else None
+
+
+def chosen_and_truth(sample: dict, generated: str | None) -> tuple[str | None, str]:
+    """(the option a generated answer picks or None, the correct option) for one question."""
+    chosen = None if generated is None else extract_option(generated, sample["candidates"])
+    return chosen, option_letter(sample["candidates"].index(sample["answer"]))
+
+
+def load_samples(path: Path) -> list[dict]:
+    """The questions of a JSON list, checked: each needs video, question, candidates, an answer among them, task_type."""
+    samples = json.loads(path.read_text())
+    for number, sample in enumerate(samples):
+        missing = {"video", "question", "candidates", "answer", "task_type"} - set(sample)
+        if missing:
+            raise ValueError(f"Question {number} of {path} lacks {sorted(missing)}.")
+        if sample["answer"] not in sample["candidates"]:
+            raise ValueError(f"Question {number} of {path}: the answer {sample['answer']!r} is not among its candidates.")
+    return samples
+
+
+def score(samples: Sequence[dict], generations: Sequence[str | None], errors: Sequence[str | None]) -> dict:
+    """The results JSON: per-question records and accuracies (percent) per task type, overall and task mean."""
+    records, counts = [], {}
+    for sample, generated, error in zip(samples, generations, errors):
+        chosen, truth = chosen_and_truth(sample, generated)
+        record = {**sample, "prediction": None if generated is None else "(" + generated.strip(), "option": chosen,
+                  "answer_option": truth, "correct": chosen == truth}
+        if error is not None:
+            record["error"] = error
+        records.append(record)
+        task = counts.setdefault(sample["task_type"], {"correct": 0, "total": 0})
+        task["correct"] += record["correct"]
+        task["total"] += 1
+    accuracy = {task: 100 * count["correct"] / count["total"] for task, count in counts.items()}
+    total = sum(count["total"] for count in counts.values())
+    summary = {
+        "overall": 100 * sum(count["correct"] for count in counts.values()) / total if total else 0.0,
+        "task_mean": sum(accuracy.values()) / len(accuracy) if accuracy else 0.0,
+    }
+    return {"accuracy": {**accuracy, **summary}, "counts": counts, "errors": sum(e is not None for e in errors),
+            "results": records}
+
+
+AnswerFn = Callable[[list[dict]], list[tuple[str | None, str | None]]]
+
+
+def evaluate(samples: Sequence[dict], answer: AnswerFn, batch_size: int = 4) -> dict:
+    """Score `samples` with `answer`, which maps a batch of samples to (generated text or None, error or None) pairs,
+    with a progress bar showing the running accuracy."""
+    generations, errors, correct = [], [], 0
+    with tqdm(total=len(samples), unit="question") as progress:
+        for first in range(0, len(samples), batch_size):
+            batch = list(samples[first : first + batch_size])
+            for sample, (generated, error) in zip(batch, answer(batch)):
+                generations.append(generated)
+                errors.append(error)
+                chosen, truth = chosen_and_truth(sample, generated)
+                correct += chosen == truth
+            progress.update(len(batch))
+            progress.set_postfix(accuracy=f"{100 * correct / len(generations):.1f}%")
+    return score(samples, generations, errors)
+
+
+def model_answerer(loaded: LoadedModel, args: argparse.Namespace, video_root: Path) -> AnswerFn:
+    """An `AnswerFn` that decodes each video (errors recorded per question) and generates a batch's answers together."""
+    num_frames = args.num_frames or loaded.processor.video_processor.num_frames
+
+    def answer(batch: list[dict]) -> list[tuple[str | None, str | None]]:
+        decoded = [
+            decode_or_error(video_root / sample["video"], num_frames, sample.get("start"), sample.get("end"))
+            for sample in batch
+        ]
+        results = [(None, frames) if isinstance(frames, str) else None for frames in decoded]
+        ready = [index for index, result in enumerate(results) if result is None]
+        if ready:
+            generated = answer_batch(
+                loaded,
+                [mcq_prompt(loaded.processor, batch[index]) for index in ready],
+                [decoded[index] for index in ready],
+                [question_block(batch[index]) for index in ready],
+                args.max_new_tokens,
+                **loaded.processor_kwargs(args),
+            )
+            for index, text in zip(ready, generated):
+                results[index] = (text, None)
+        return results
+
+    return answer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--data", required=True, type=Path, help="JSON list of multiple-choice questions.")
+    parser.add_argument("--video-root", type=Path, help="Folder the video paths are relative to (default: --data's).")
+    parser.add_argument("--output", required=True, type=Path, help="Results JSON.")
+    parser.add_argument("--batch-size", type=int, default=4)
+    add_model_arguments(parser)
+    parser.set_defaults(max_new_tokens=16)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    samples = load_samples(args.data)
+    loaded = load_model(args)
+    if loaded.is_embedded_default:
+        print(EMBEDDED_DEFAULT_NOTE)
+    start = time.perf_counter()
+    results = evaluate(samples, model_answerer(loaded, args, args.video_root or args.data.parent), args.batch_size)
+    seconds = time.perf_counter() - start
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    for task, count in results["counts"].items():
+        print(f"{task:<30} {results['accuracy'][task]:6.2f}%  ({count['correct']}/{count['total']})")
+    print(f"{'overall':<30} {results['accuracy']['overall']:6.2f}%  (task mean {results['accuracy']['task_mean']:.2f}%; "
+          f"{results['errors']} unreadable videos counted wrong; {len(samples) / seconds:.2f} questions/s)")
+    print(f"wrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""PPLLaVA end to end on one video: processor -> prompt-guided pooling -> generate, plus where and when the video
+matches the question (relevance heatmap and timeline).
+
+    python examples/quickstart.py --output-dir quickstart-output
+
+With no --model it runs the embedded default: a tiny random PPLLaVA built locally (fixed seed, no download) on a
+4-second sample clip of a red ball crossing a meadow, written with PyAV. Its answer is random words (the weights are
+random); the pipeline is the real one. It leaves in --output-dir:
+  model/         the embedded default as an ordinary model folder (AutoModelForImageTextToText / AutoProcessor after
+                 `import ppllava_hf`), for the other examples (--model DIR/model) and your own code
+  sample.mp4     the sample clip
+  heatmap.png    the sampled frames under the question's relevance
+  timeline.png   relevance over time, with the top moments shaded
+
+    python examples/quickstart.py --output-dir out --model path/to/converted/ppllava --video clip.mp4 --question "..."
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ppllava_cli import EMBEDDED_DEFAULT_NOTE, add_model_arguments, load_model
+from ppllava_hf.embedded_default_ppllava import BALL_ENTERS, BALL_LEAVES, SAMPLE_QUESTION, write_sample_video
+from ppllava_hf.relevance_ppllava import VideoRelevance, known_timestamps, model_view_frames
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--video", help="Video file (default: the sample clip, written to OUTPUT_DIR/sample.mp4).")
+    parser.add_argument("--question", default=SAMPLE_QUESTION, help="Question; it also guides the pooling.")
+    parser.add_argument("--top-k", type=int, default=3, help="Moments to list on the timeline.")
+    add_model_arguments(parser)
+    parser.set_defaults(max_new_tokens=32)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args)
+    model, processor = loaded.model, loaded.processor
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    source = "embedded default (tiny random PPLLaVA, Vicuna layout, seed 0)" if loaded.is_embedded_default else args.model
+    print(f"model      {source}: {parameters / 1e6:.2f}M parameters, {model.dtype}, {model.device} "
+          f"(ready in {loaded.load_seconds:.2f} s)")
+    if loaded.is_embedded_default:
+        model.save_pretrained(args.output_dir / "model")
+        processor.save_pretrained(args.output_dir / "model")
+
+    video = args.video
+    if video is None:
+        video = write_sample_video(args.output_dir / "sample.mp4")
+        print(f"video      {video} (a red ball crosses the frame from {BALL_ENTERS:.1f} s to {BALL_LEAVES:.1f} s)")
+    else:
+        print(f"video      {video}")
+    print(f"question   {args.question}")
+
+    processor_kwargs = loaded.processor_kwargs(args)
+    start = time.perf_counter()
+    messages = [{"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": args.question}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+        processor_kwargs={**processor_kwargs, "return_metadata": True},
+    )
+    metadata = inputs.pop("video_metadata")[0]
+    inputs = inputs.to(model.device, dtype=model.dtype)
+    process_seconds = time.perf_counter() - start
+
+    # Encode the video once: the same pass gives the pooled tokens for generate and the relevance for the heatmap.
+    start = time.perf_counter()
+    with torch.no_grad():
+        encoded = model.encode_multimodal(
+            input_ids=inputs["input_ids"], pixel_values_videos=inputs["pixel_values_videos"],
+            clip_input_ids=inputs["clip_input_ids"], clip_attention_mask=inputs["clip_attention_mask"],
+            max_visual_tokens=args.max_visual_tokens,
+        )
+    encode_seconds = time.perf_counter() - start
+    relevance = encoded["video"].relevance[0].float().cpu()
+    frames, rows, columns = relevance.shape
+    pooled = encoded["video"].pooler_output[0].shape[0]
+    timestamps = known_timestamps(metadata)
+    print(f"processor  {frames} frames sampled at {', '.join(f'{t:.1f}' for t in timestamps)} s; "
+          f"{inputs['input_ids'].shape[1]} prompt tokens ({process_seconds:.2f} s)")
+    print(f"visual     {frames} frames x {rows}x{columns} patches = {frames * rows * columns} patch features -> "
+          f"{pooled} pooled tokens ({frames * rows * columns / pooled:.0f}x fewer; encoded in {encode_seconds:.2f} s)")
+
+    start = time.perf_counter()
+    output = model.generate(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], mm_encoder_outputs=encoded,
+        max_new_tokens=args.max_new_tokens, do_sample=False,
+    )
+    generate_seconds = time.perf_counter() - start
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    answer = processor.decode(new_tokens, skip_special_tokens=True)
+    print(f"answer     {answer!r}")
+    print(f"           {len(new_tokens)} tokens in {generate_seconds:.2f} s ({len(new_tokens) / generate_seconds:.0f} tokens/s)")
+    if loaded.is_embedded_default:
+        print(f"note       {EMBEDDED_DEFAULT_NOTE}")
+
+    start = time.perf_counter()
+    video_processor = processor.video_processor
+    result = VideoRelevance(
+        query=args.question,
+        relevance=relevance,
+        frames=model_view_frames(inputs["pixel_values_videos"][0], video_processor.image_mean, video_processor.image_std),
+        timestamps=timestamps,
+    )
+    heatmap_size = result.save_heatmap(args.output_dir / "heatmap.png")
+    result.save_timeline(args.output_dir / "timeline.png", top_k=args.top_k)
+    print("when       the moments most relevant to the question (PPLLaVA's own alignment, zero-shot):")
+    for number, moment in enumerate(result.top_time_ranges(args.top_k), 1):
+        print(f"           #{number} {moment}")
+    if loaded.is_embedded_default:
+        print(f"           (random alignment weights, so these moments are arbitrary; the ball is in view "
+              f"{BALL_ENTERS:.1f}-{BALL_LEAVES:.1f} s)")
+    print(f"wrote      {args.output_dir / 'heatmap.png'} ({heatmap_size[0]}x{heatmap_size[1]}), "
+          f"{args.output_dir / 'timeline.png'} ({time.perf_counter() - start:.2f} s)")
+    if loaded.is_embedded_default:
+        print(f"           {args.output_dir / 'model'}: reuse it with --model {args.output_dir / 'model'} in the other "
+              "examples, or AutoModelForImageTextToText / AutoProcessor after `import ppllava_hf`")
+
+
+if __name__ == "__main__":
+    main()
