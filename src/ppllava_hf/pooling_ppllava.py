@@ -77,10 +77,13 @@ def plan_video_pooling(
 ) -> PoolingPlan:
     """Pooling plan of a `num_frames`-frame clip: the configured windows, made to fit short clips and a token budget.
 
+    The model and the processor both call this function, so the placeholder count always equals the token count.
+
     - Fewer frames than the temporal window: the window shrinks to the clip (one temporal slot).
     - An output size with more frames than the clip: the temporal output shrinks to the clip length.
-    - A budget that the plan exceeds: the temporal axis is pooled to `max_visual_tokens // tokens_per_slot` slots with
-      the output-size arithmetic, whose windows cover every frame.
+    - A budget that the plan exceeds: the spatial windows stay and the clip gets at most
+      `max_visual_tokens // tokens_per_frame_slot` temporal slots whose windows together cover every frame (see
+      `fit_temporal_windows`), so any number of frames gives at most `max_visual_tokens` tokens.
     """
     if num_frames < 1:
         raise ValueError(f"A video needs at least one frame, got {num_frames}.")
@@ -103,13 +106,33 @@ def plan_video_pooling(
             f"max_visual_tokens={max_visual_tokens} is smaller than one pooled frame ({tokens_per_slot} tokens); raise it "
             "or pool the frames more coarsely."
         )
-    temporal_stride = num_frames // max_slots
-    temporal_kernel = num_frames - (max_slots - 1) * temporal_stride
+    slots, temporal_kernel, temporal_stride = fit_temporal_windows(num_frames, max_slots)
     return PoolingPlan(
-        output_size=(max_slots, *plan.output_size[1:]),
+        output_size=(slots, *plan.output_size[1:]),
         kernel=(temporal_kernel, *plan.kernel[1:]),
         stride=(temporal_stride, *plan.stride[1:]),
     )
+
+
+def fit_temporal_windows(num_frames: int, max_slots: int) -> tuple[int, int, int]:
+    """`(slots, kernel, stride)` of equal temporal windows that cover all `num_frames` frames in at most `max_slots` slots.
+
+    Windows that cover the clip exactly satisfy `(slots - 1) * stride + kernel == num_frames` with `stride <= kernel`;
+    for a given slot count the widest stride, `num_frames // slots`, gives the shortest window. Using `max_slots` slots
+    whatever the remainder can make each window far longer than its stride (47 frames in 16 slots: windows of 17
+    frames every 2), which blurs time and multiplies the pooling work. So the rule takes the most slots whose windows
+    are at most twice as long as an even split into `max_slots` would give, `ceil(num_frames / max_slots)`:
+    47 frames -> 15 windows of 5 frames every 3; 1023 frames -> 16 windows of 78 every 63; 512 -> 16 of 32 every 32.
+    """
+    if not 1 <= max_slots <= num_frames:
+        raise ValueError(f"Cannot fit {num_frames} frames into {max_slots} temporal slots.")
+    longest = 2 * math.ceil(num_frames / max_slots)
+    for slots in range(max_slots, 0, -1):
+        stride = num_frames // slots
+        kernel = num_frames - (slots - 1) * stride
+        if kernel <= longest:
+            return slots, kernel, stride
+    raise AssertionError("a single window over the whole clip always fits")
 
 
 def plan_image_pooling(
