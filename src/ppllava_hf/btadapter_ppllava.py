@@ -7,11 +7,26 @@ then the CLIP CLS of each frame followed by the average of the CLIP and branch p
 Token layout inside the branch: one shared CLS, then patches in (patch, frame) order, i.e. `(batch, 1 + P * T, dim)`.
 """
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
+
+
+def btadapter_chunk_sizes(num_frames: int, max_frames: int) -> list[int]:
+    """Frame counts of the consecutive chunks a clip is split into before the BT-Adapter runs over each on its own.
+
+    The time-embedding table has `max_frames` rows (64 in the published checkpoints), so a clip of up to `max_frames`
+    frames runs whole, exactly as in the original. A longer clip is split into the fewest chunks of at most `max_frames`
+    frames, as equal as possible (the first `num_frames % chunks` one frame longer): every chunk sees time embeddings
+    `0 .. len - 1`, never past the table, and all chunks cover similar spans of time. E.g. 64 -> [64]; 65 -> [33, 32];
+    512 -> 8 x [64]; 130 -> [44, 43, 43].
+    """
+    num_chunks = math.ceil(num_frames / max_frames)
+    return [num_frames // num_chunks + (index < num_frames % num_chunks) for index in range(num_chunks)]
 
 
 class PPLLaVADropPath(nn.Module):
@@ -99,6 +114,11 @@ class PPLLaVABTAdapter(nn.Module):
         """First branch layer input from CLIP output `(batch, frames, 1 + P, dim)`: patches + CLIP positions + time
         embeddings, CLS = mean of (frame-averaged CLIP CLS) and (own CLS + CLIP position 0)."""
         batch, num_frames, length, dim = clip_states.shape
+        if num_frames > self.max_frames:
+            raise ValueError(
+                f"The BT-Adapter has time embeddings for {self.max_frames} frames but got a clip of {num_frames}; split it "
+                "with `btadapter_chunk_sizes` first."
+            )
         patches = clip_states[:, :, 1:] + position_embedding[1:length]
         times = self.time_embedding(torch.arange(num_frames, device=clip_states.device))
         patches = (patches + times[None, :, None]).transpose(1, 2).reshape(batch, (length - 1) * num_frames, dim)
