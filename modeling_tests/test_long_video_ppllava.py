@@ -161,7 +161,7 @@ def test_no_stage_sees_more_frames_than_the_chunk(layout, max_visual_tokens):
     at most that many or one temporal window, whichever is longer (a budget binding on 23 frames makes windows of 8)."""
     model = tiny_model(layout, btadapter_max_frames=2, vision_chunk_frames=4, max_visual_tokens=max_visual_tokens)
     patches_per_frame = model.config.patch_grid[0] * model.config.patch_grid[1]
-    tower, tower_hook = record_calls(model.vision_tower, lambda pixels: pixels.shape[0])
+    tower, tower_hook = record_calls(model.vision_tower.embeddings, lambda pixels: pixels.shape[0])
     alignment, alignment_hook = record_calls(model.prompt_alignment.visual_layernorm, lambda patches: patches.shape[1])
     projector, projector_hook = record_calls(
         model.multi_modal_projector.linear_1, lambda patches: patches[0, ..., 0].numel() // patches_per_frame
@@ -187,3 +187,19 @@ def test_no_stage_sees_more_frames_than_the_chunk(layout, max_visual_tokens):
 def test_vision_chunk_frames_must_be_positive():
     with pytest.raises(ValueError, match="vision_chunk_frames must be positive"):
         tiny_config("vicuna", vision_chunk_frames=0)
+
+
+@pytest.mark.parametrize("layout", ["vicuna", "qwen"])
+def test_vision_states_are_the_towers_hidden_states(layout):
+    """The tower runs only up to the deepest state needed, giving the numbers of its own `output_hidden_states`."""
+    model = tiny_model(layout)
+    pixels = random_video(3)
+    num_states = model.config.vision_config.num_hidden_layers + 1
+
+    with torch.no_grad():
+        expected = model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        for indices in ([0], [num_states - 2], [1, 2, 3], list(range(num_states))):
+            states = model._vision_states(pixels, indices)
+            assert sorted(states) == indices
+            for index in indices:
+                torch.testing.assert_close(states[index], expected[index])

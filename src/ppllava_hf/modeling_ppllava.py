@@ -195,15 +195,33 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         first = self.config.vision_config.num_hidden_layers - self.btadapter.depth + 1
         return list(range(first, self._feature_state_index() + 1))
 
+    def _vision_states(self, pixels: torch.Tensor, state_indices: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states `state_indices` of the vision tower (0: the embeddings, i: the output of layer i), as its
+        `output_hidden_states` numbers them.
+
+        The tower's own forward runs every layer and keeps every hidden state; PPLLaVA selects the second-to-last (and
+        the BT-Adapter two more below it), so the layers run here up to the deepest state requested and only the
+        requested states are kept.
+        """
+        tower = self.vision_tower
+        hidden = tower.embeddings(pixels)
+        if hasattr(tower, "pre_layrnorm"):  # CLIP's; SigLIP has none
+            hidden = tower.pre_layrnorm(hidden)
+        states = {0: hidden} if 0 in state_indices else {}
+        for index, layer in enumerate(tower.encoder.layers[: max(state_indices)], start=1):
+            hidden = layer(hidden, None)
+            if index in state_indices:
+                states[index] = hidden
+        return states
+
     def _run_vision_tower(self, frames: torch.Tensor, state_indices: list[int]) -> dict[int, torch.Tensor]:
         """Hidden states `state_indices` of the vision tower for `frames` `(num_frames, 3, H, W)`, in frame chunks."""
         chunk = self.config.vision_chunk_frames or frames.shape[0]
         collected = {index: [] for index in state_indices}
         dtype = self.vision_tower.dtype
         for start in range(0, frames.shape[0], chunk):
-            hidden_states = self.vision_tower(frames[start : start + chunk].to(dtype), output_hidden_states=True).hidden_states
-            for index in state_indices:
-                collected[index].append(hidden_states[index])
+            for index, state in self._vision_states(frames[start : start + chunk].to(dtype), state_indices).items():
+                collected[index].append(state)
         return {index: states[0] if len(states) == 1 else torch.cat(states) for index, states in collected.items()}
 
     def _encoding_groups(self, clip_lengths: list[int], with_btadapter: bool) -> list[tuple[int, int, int]]:
