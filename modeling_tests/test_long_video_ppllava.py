@@ -13,8 +13,14 @@ PROMPT = torch.tensor([[5, 6, 7, 8]])
 
 
 def tiny_model(layout="vicuna", **overrides):
+    """Tiny random model; the BT-Adapter gets random weights too (it starts as an identity on the patches)."""
     torch.manual_seed(0)
-    return PPLLaVAForConditionalGeneration(tiny_config(layout, **overrides)).eval().model
+    model = PPLLaVAForConditionalGeneration(tiny_config(layout, **overrides)).eval().model
+    if model.btadapter is not None:
+        with torch.no_grad():
+            for parameter in model.btadapter.parameters():
+                parameter.normal_(0.0, 0.1)
+    return model
 
 
 def random_video(num_frames, seed=0):
@@ -55,6 +61,28 @@ def test_btadapter_refuses_clips_longer_than_its_time_table():
 
     with pytest.raises(ValueError, match="time embeddings for 4 frames"):
         model.btadapter(states, model.vision_tower.embeddings.position_embedding.weight)
+
+
+@pytest.mark.parametrize("chunk_frames", [1, 2, 5])
+def test_btadapter_in_chunks_equals_the_whole_clip(chunk_frames):
+    """Attention and MLP of the branch run over bounded groups of tokens with the same numbers."""
+    model = tiny_model(btadapter_max_frames=8)
+    generator = torch.Generator().manual_seed(3)
+    layer_states = [torch.randn(2, 7, 37, 32, generator=generator) for _ in range(model.btadapter.depth)]
+    position_embedding = model.vision_tower.embeddings.position_embedding.weight
+    attended_tokens, hook = record_calls(
+        model.btadapter.spatial_layers[0].self_attn, lambda tokens: tokens.shape[:2].numel()
+    )
+
+    with torch.no_grad():
+        whole = model.btadapter(layer_states, position_embedding)
+        attended_tokens.clear()
+        chunked = model.btadapter(layer_states, position_embedding, chunk_frames=chunk_frames)
+    hook.remove()
+
+    torch.testing.assert_close(chunked, whole)
+    # Two clips of 7 frames of 37 tokens: a group holds at least one frame of each clip.
+    assert max(attended_tokens) <= max(chunk_frames, 2) * 37 and sum(attended_tokens) == 2 * 7 * 37
 
 
 @pytest.mark.parametrize("vision_chunk_frames", [None, 3])

@@ -266,7 +266,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             if adapter_indices:
                 segments = [states[index].unflatten(0, (num_segments, segment_frames)) for index in adapter_indices]
                 position_embedding = self.vision_tower.embeddings.position_embedding.weight
-                group = self.btadapter(segments, position_embedding).flatten(0, 1)
+                group = self.btadapter(segments, position_embedding, self.config.vision_chunk_frames).flatten(0, 1)
             else:
                 group = states[feature_index]
             group = group[:, first_token:]
