@@ -99,8 +99,7 @@ def test_long_clip_equals_its_btadapter_chunks_encoded_alone(vision_chunk_frames
 
 def test_btadapter_sees_at_most_its_table_of_frames():
     model = tiny_model(btadapter_max_frames=4)
-    seen = []
-    hook = model.btadapter.register_forward_pre_hook(lambda _, args: seen.append(args[0][0].shape[1]))
+    seen, hook = record_calls(model.btadapter, lambda layer_states: layer_states[0].shape[1])
 
     with torch.no_grad():
         model.encode_frames(random_video(11), [11])
