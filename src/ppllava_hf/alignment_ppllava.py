@@ -135,17 +135,36 @@ class PPLLaVAVisionPromptAlignment(nn.Module):
         return self.visual_projection(self.visual_layernorm(patch_features))
 
     def cosine_similarity(self, patch_features: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """Cosine of each patch `(batch, ..., vision_dim)` with its sample's prompt `(batch, dim)`, in float32."""
-        patches = self.embed_patches(patch_features).float()
-        patches = patches / patches.norm(p=2, dim=-1, keepdim=True)
+        """Cosine of each patch `(batch, ..., vision_dim)` with its sample's prompt `(batch, dim)`, in float32.
+
+        Computed as `(patch . unit_prompt) / |patch|`: no normalised copy of the patch embeddings is made.
+        """
+        patches = self.embed_patches(patch_features)
+        flat = patches.reshape(patches.shape[0], -1, patches.shape[-1]).float()
         prompts = prompt_embeds.float()
         prompts = prompts / prompts.norm(p=2, dim=-1, keepdim=True)
-        flat = patches.reshape(patches.shape[0], -1, patches.shape[-1])
-        return torch.einsum("bd,bnd->bn", prompts, flat).reshape(patches.shape[:-1])
+        cosine = torch.einsum("bnd,bd->bn", flat, prompts) / flat.norm(p=2, dim=-1)
+        return cosine.reshape(patches.shape[:-1])
 
-    def forward(self, patch_features: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """Relevance weights, shaped like `patch_features` without its last dim, summing to one per sample (float32)."""
+    def logits(self, patch_features: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """Relevance logits (float32): the cosine scaled by `exp(logit_scale)`, plus SigLIP's `logit_bias`."""
         logits = self.cosine_similarity(patch_features, prompt_embeds) * self.logit_scale.float().exp()
         if self.logit_bias is not None:
             logits = logits + self.logit_bias.float()
+        return logits
+
+    def forward(
+        self, patch_features: torch.Tensor, prompt_embeds: torch.Tensor, chunk_frames: int | None = None
+    ) -> torch.Tensor:
+        """Relevance weights, shaped like `patch_features` without its last dim, summing to one per sample (float32).
+
+        `chunk_frames` scores at most that many entries of dim 1 (frames or tiles) at a time, so the projected patch
+        embeddings of a long clip never exist all at once; only the float32 logits of all patches are kept for the softmax.
+        """
+        frames = patch_features.shape[1]
+        chunk = chunk_frames or frames
+        logits = torch.cat(
+            [self.logits(patch_features[:, start : start + chunk], prompt_embeds) for start in range(0, frames, chunk)],
+            dim=1,
+        )
         return torch.softmax(logits.flatten(1), dim=-1).view_as(logits)

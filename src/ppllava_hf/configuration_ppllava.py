@@ -45,18 +45,21 @@ class PPLLaVAConfig(PreTrainedConfig):
         pooling_temperature (`float`, *optional*, defaults to 0.01):
             Temperature of the softmax that turns relevance weights into window weights.
         max_visual_tokens (`int`, *optional*):
-            Default budget of visual tokens per video; longer videos get a coarser temporal pooling. `None` means no
-            budget (the original behaviour).
+            Default budget of visual tokens per video; longer videos get fewer, longer temporal windows that still cover
+            every frame (see `plan_video_pooling`). `None` means no budget (the original behaviour).
         use_btadapter (`bool`, *optional*, defaults to `False`):
             Add the BT-Adapter temporal branch on the last `btadapter_depth` layers of a CLIP vision tower.
         btadapter_depth (`int`, *optional*, defaults to 4):
             Number of vision layers the BT-Adapter runs beside.
         btadapter_max_frames (`int`, *optional*, defaults to 64):
-            Size of the BT-Adapter time-embedding table; longer clips run the branch per chunk of at most this many frames.
+            Size of the BT-Adapter time-embedding table; longer clips run the branch on their own per balanced chunk
+            of at most this many frames (see `btadapter_chunk_sizes`).
         btadapter_drop_path_rate (`float`, *optional*, defaults to 0.1):
             Stochastic-depth rate of the BT-Adapter in training (the original's schedule, inactive in eval).
         vision_chunk_frames (`int`, *optional*):
-            Run the vision tower over at most this many frames (or image tiles) at a time to bound memory.
+            Bound the working memory of long videos: the vision tower and the prompt alignment run over at most this
+            many frames (or image tiles) at a time, the projector over at most this many frames or one pooling window.
+            Only the selected vision features of all frames are kept. `None` processes each clip at once.
         vision_feature_layer (`int`, *optional*, defaults to -2):
             Index of the vision hidden state (input of layer k, or the final output for -1) fed to the projector.
         vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
@@ -164,7 +167,7 @@ class PPLLaVAConfig(PreTrainedConfig):
         self._check_pooling()
         self._check_btadapter()
         self._check_alignment_dims()
-        self._check_vision_feature_layer()
+        self._check_vision_encoding()
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -263,12 +266,14 @@ class PPLLaVAConfig(PreTrainedConfig):
                 f"{prompt.max_position_embeddings} positions."
             )
 
-    def _check_vision_feature_layer(self):
+    def _check_vision_encoding(self):
         num_states = self.vision_config.num_hidden_layers + 1
         if not -num_states <= self.vision_feature_layer < num_states:
             raise ValueError(
                 f"vision_feature_layer={self.vision_feature_layer} is outside the vision tower's {num_states} hidden states."
             )
+        if self.vision_chunk_frames is not None and self.vision_chunk_frames < 1:
+            raise ValueError(f"vision_chunk_frames must be positive or None, got {self.vision_chunk_frames}.")
 
 
 def first_free_token_id(after: int, vocab_size: int, taken) -> int:

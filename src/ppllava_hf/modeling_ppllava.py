@@ -1,5 +1,6 @@
 """PPLLaVA models: vision tower (+ BT-Adapter), vision-prompt alignment, prompt-guided pooling, projector and a causal LM."""
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .alignment_ppllava import PPLLaVAVisionPromptAlignment
 from .anyres_ppllava import num_anyres_tiles, num_image_tokens, pack_image_tokens
-from .btadapter_ppllava import PPLLaVABTAdapter
+from .btadapter_ppllava import PPLLaVABTAdapter, btadapter_chunk_sizes
 from .configuration_ppllava import PPLLaVAConfig
 from .pooling_ppllava import PoolingPlan, PPLLaVAPromptGuidedPooling, plan_image_pooling, plan_video_pooling
 
@@ -197,52 +198,86 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         first = self.config.vision_config.num_hidden_layers - self.btadapter.depth + 1
         return list(range(first, self._feature_state_index() + 1))
 
+    def _vision_states(self, pixels: torch.Tensor, state_indices: list[int]) -> dict[int, torch.Tensor]:
+        """Hidden states `state_indices` of the vision tower (0: the embeddings, i: the output of layer i), as its
+        `output_hidden_states` numbers them.
+
+        The tower's own forward runs every layer and keeps every hidden state; PPLLaVA selects the second-to-last (and
+        the BT-Adapter two more below it), so the layers run here up to the deepest state requested and only the
+        requested states are kept.
+        """
+        tower = self.vision_tower
+        hidden = tower.embeddings(pixels)
+        if hasattr(tower, "pre_layrnorm"):  # CLIP's; SigLIP has none
+            hidden = tower.pre_layrnorm(hidden)
+        states = {0: hidden} if 0 in state_indices else {}
+        for index, layer in enumerate(tower.encoder.layers[: max(state_indices)], start=1):
+            hidden = layer(hidden, None)
+            if index in state_indices:
+                states[index] = hidden
+        return states
+
     def _run_vision_tower(self, frames: torch.Tensor, state_indices: list[int]) -> dict[int, torch.Tensor]:
         """Hidden states `state_indices` of the vision tower for `frames` `(num_frames, 3, H, W)`, in frame chunks."""
         chunk = self.config.vision_chunk_frames or frames.shape[0]
         collected = {index: [] for index in state_indices}
         dtype = self.vision_tower.dtype
         for start in range(0, frames.shape[0], chunk):
-            hidden_states = self.vision_tower(frames[start : start + chunk].to(dtype), output_hidden_states=True).hidden_states
-            for index in state_indices:
-                collected[index].append(hidden_states[index])
-        return {index: torch.cat(states) for index, states in collected.items()}
+            for index, state in self._vision_states(frames[start : start + chunk].to(dtype), state_indices).items():
+                collected[index].append(state)
+        return {index: states[0] if len(states) == 1 else torch.cat(states) for index, states in collected.items()}
 
-    def _apply_btadapter(self, layer_states: list[torch.Tensor], clip_lengths: list[int]) -> torch.Tensor:
-        """BT-Adapter combined state for frames grouped in clips; clips longer than the time table run per chunk."""
+    def _encoding_groups(self, clip_lengths: list[int], with_btadapter: bool) -> list[tuple[int, int, int]]:
+        """`(first_frame, num_segments, segment_frames)` of each group of consecutive frames encoded together.
+
+        With the BT-Adapter, a segment is one of the chunks `btadapter_chunk_sizes` splits a clip into (its temporal
+        branch runs per segment) and a group stacks consecutive segments of equal length, up to `vision_chunk_frames`
+        frames, into one adapter batch. Without it, a group is a single segment of at most `vision_chunk_frames` frames.
+        Only one group's hidden states exist at a time.
+        """
+        total = sum(clip_lengths)
+        limit = self.config.vision_chunk_frames or total
+        if not with_btadapter:
+            return [(start, 1, min(limit, total - start)) for start in range(0, total, limit)]
         max_frames = self.btadapter.max_frames
-        segments = []
-        start = 0
-        for length in clip_lengths:
-            num_chunks = math.ceil(length / max_frames)
-            sizes = [length // num_chunks + (i < length % num_chunks) for i in range(num_chunks)]
-            for size in sizes:
-                segments.append((start, size))
-                start += size
-        combined = torch.empty_like(layer_states[-1])
-        position_embedding = self.vision_tower.embeddings.position_embedding.weight
-        for size in sorted({size for _, size in segments}):
-            starts = [s for s, n in segments if n == size]
-            index = torch.tensor([s + offset for s in starts for offset in range(size)], device=combined.device)
-            grouped = [states[index].unflatten(0, (len(starts), size)) for states in layer_states]
-            combined[index] = self.btadapter(grouped, position_embedding).flatten(0, 1)
-        return combined
+        groups, start = [], 0
+        for size in (size for length in clip_lengths for size in btadapter_chunk_sizes(length, max_frames)):
+            if groups and groups[-1][2] == size and (groups[-1][1] + 1) * size <= limit:
+                groups[-1] = (groups[-1][0], groups[-1][1] + 1, size)
+            else:
+                groups.append((start, 1, size))
+            start += size
+        return groups
 
     def encode_frames(self, frames: torch.Tensor, clip_lengths: list[int]) -> torch.Tensor:
         """Selected vision features `(num_frames, patches, vision_hidden)` of frames grouped into clips.
 
         Videos are clips of their frames; image tiles are one-frame clips. The BT-Adapter (when present and reaching the
-        selected layer) runs across the frames of each clip; CLS is dropped with the "default" strategy.
+        selected layer) runs across the frames of each clip, per chunk of at most `btadapter_max_frames` frames (see
+        `btadapter_chunk_sizes`); CLS is dropped with the "default" strategy. Frames go through the vision tower in
+        groups of at most `vision_chunk_frames` (or one adapter chunk), so memory beyond the selected features is bounded.
         """
         feature_index = self._feature_state_index()
         adapter_indices = self._btadapter_state_indices()
-        states = self._run_vision_tower(frames, sorted(set(adapter_indices) | {feature_index}))
-        if adapter_indices:
-            selected = self._apply_btadapter([states[index] for index in adapter_indices], clip_lengths)
-        else:
-            selected = states[feature_index]
-        if self.config.vision_feature_select_strategy == "default":
-            selected = selected[:, 1:]
+        state_indices = sorted(set(adapter_indices) | {feature_index})
+        first_token = 1 if self.config.vision_feature_select_strategy == "default" else 0
+        groups = self._encoding_groups(clip_lengths, bool(adapter_indices))
+        selected = None
+        for start, num_segments, segment_frames in groups:
+            stop = start + num_segments * segment_frames
+            states = self._run_vision_tower(frames[start:stop], state_indices)
+            if adapter_indices:
+                segments = [states[index].unflatten(0, (num_segments, segment_frames)) for index in adapter_indices]
+                position_embedding = self.vision_tower.embeddings.position_embedding.weight
+                group = self.btadapter(segments, position_embedding, self.config.vision_chunk_frames).flatten(0, 1)
+            else:
+                group = states[feature_index]
+            group = group[:, first_token:]
+            if len(groups) == 1:
+                return group
+            if selected is None:
+                selected = group.new_empty((frames.shape[0], *group.shape[1:]))
+            selected[start:stop] = group
         return selected
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -274,13 +309,32 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             )
         return prompt_embeds
 
-    def _pool_clip(self, features: torch.Tensor, prompt: torch.Tensor, plan: PoolingPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Relevance and pooled tokens `(out_frames, out_rows, out_cols, text_hidden)` of one clip `(frames, patches, dim)`."""
+    def _relevance(self, features: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """Relevance `(1, frames, rows, cols)` of every patch of one clip `(frames, patches, dim)` to its prompt `(dim,)`,
+        scored `vision_chunk_frames` frames at a time."""
         rows, cols = self.config.patch_grid
         patches = features.unflatten(1, (rows, cols))[None]
-        relevance = self.prompt_alignment(patches, prompt[None])
-        tokens = self.multi_modal_projector(patches, pool=lambda hidden: self.pooling(hidden, relevance, plan))
-        return relevance[0], tokens[0]
+        return self.prompt_alignment(patches, prompt[None], chunk_frames=self.config.vision_chunk_frames)
+
+    def _pool_clip(self, features: torch.Tensor, prompt: torch.Tensor, plan: PoolingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Relevance and pooled tokens `(out_frames, out_rows, out_cols, text_hidden)` of one clip `(frames, patches, dim)`.
+
+        The relevance is a softmax over all patches of the clip, so it comes first. The projector and the pooling then
+        run over blocks of output frames whose windows read at most `vision_chunk_frames` frames: the text-width
+        activations of a long clip never exist all at once.
+        """
+        rows, cols = self.config.patch_grid
+        patches = features.unflatten(1, (rows, cols))[None]
+        relevance = self._relevance(features, prompt)
+        chunk = self.config.vision_chunk_frames
+        output_frames_per_block = (
+            plan.output_size[0] if chunk is None else max(1, (chunk - plan.kernel[0]) // plan.stride[0] + 1)
+        )
+        blocks = []
+        for _, input_frames, block_plan in plan.temporal_blocks(output_frames_per_block):
+            pool = functools.partial(self.pooling, relevance=relevance[:, input_frames], plan=block_plan)
+            blocks.append(self.multi_modal_projector(patches[:, input_frames], pool=pool))
+        return relevance[0], torch.cat(blocks, dim=1)[0]
 
     @staticmethod
     def _video_list(pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -316,12 +370,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         videos = self._video_list(pixel_values_videos)
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
-        lengths = [video.shape[0] for video in videos]
-        features = self.encode_frames(torch.cat(videos), lengths).split(lengths)
         tokens, relevance, plans = [], [], []
-        for clip_features, prompt in zip(features, prompts):
-            plan = self.video_pooling_plan(clip_features.shape[0], max_visual_tokens)
-            clip_relevance, pooled = self._pool_clip(clip_features, prompt, plan)
+        for video, prompt in zip(videos, prompts):
+            plan = self.video_pooling_plan(video.shape[0], max_visual_tokens)
+            clip_relevance, pooled = self._pool_clip(self.encode_frames(video, [video.shape[0]]), prompt, plan)
             tokens.append(pooled.flatten(0, 2))
             relevance.append(clip_relevance)
             plans.append(plan)
@@ -376,13 +428,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         and time the model looks for the prompt (the weights of its pooling)."""
         videos = self._video_list(pixel_values_videos)
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, None)
-        lengths = [video.shape[0] for video in videos]
-        features = self.encode_frames(torch.cat(videos), lengths).split(lengths)
-        rows, cols = self.config.patch_grid
-        return [
-            self.prompt_alignment(clip.unflatten(1, (rows, cols))[None], prompt[None])[0]
-            for clip, prompt in zip(features, prompts)
-        ]
+        return [self._relevance(self.encode_frames(video, [video.shape[0]]), prompt)[0] for video, prompt in zip(videos, prompts)]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Placeholders
