@@ -10,6 +10,17 @@ from ppllava_hf.tiny_ppllava import tiny_config
 
 
 
+def record_calls(module, measure):
+    """Hook `module`: every call appends `measure(first input)` (positional or keyword) to the returned list; remove
+    the handle when done."""
+    sizes = []
+
+    def hook(_, args, kwargs):
+        sizes.append(measure(args[0] if args else next(iter(kwargs.values()))))
+
+    return sizes, module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 class PPLLaVAModelTester:
     """Builds a tiny model of one layout and batches of video / image / text-only samples for it."""
 

@@ -7,6 +7,7 @@ import torch
 from ppllava_hf import PPLLaVAForConditionalGeneration
 from ppllava_hf.btadapter_ppllava import btadapter_chunk_sizes
 from ppllava_hf.tiny_ppllava import tiny_config
+from model_tester import record_calls
 
 
 PROMPT = torch.tensor([[5, 6, 7, 8]])
@@ -25,13 +26,6 @@ def tiny_model(layout="vicuna", **overrides):
 
 def random_video(num_frames, seed=0):
     return torch.randn(num_frames, 3, 84, 84, generator=torch.Generator().manual_seed(seed))
-
-
-def record_calls(module, measure):
-    """Hook `module`: every call appends `measure(first input)` to the returned list."""
-    sizes = []
-    handle = module.register_forward_pre_hook(lambda _, args: sizes.append(measure(args[0])))
-    return sizes, handle
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAConfig, PPLLaVAForConditionalGeneration, PPLLaVAModel
-from model_tester import PPLLaVAModelTester
+from model_tester import PPLLaVAModelTester, record_calls
 
 
 LAYOUTS = ["vicuna", "qwen"]
@@ -128,19 +128,19 @@ def test_visual_inputs_need_a_pooling_prompt(tester):
 
 
 def test_precomputed_visual_tokens_skip_the_vision_tower(tester):
-    batch = tester.collate([tester.video_sample(), tester.image_sample()])
+    batch = tester.collate([tester.video_sample(frames=8), tester.image_sample()])
     encoded = tester.model.encode_multimodal(**{k: v for k, v in batch.items() if k != "attention_mask"})
-    calls = []
-    handle = tester.model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    frames, handle = record_calls(tester.model.model.vision_tower.embeddings, lambda pixels: pixels.shape[0])
     try:
         text_only = {k: batch[k] for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             reused = tester.model(**text_only, mm_encoder_outputs=encoded).logits
+            assert frames == []
+            fresh = tester.model(**batch).logits
     finally:
         handle.remove()
-    assert calls == []
-    with torch.no_grad():
-        torch.testing.assert_close(reused, tester.model(**batch).logits)
+    assert sum(frames) == 8 + batch["pixel_values"].shape[1]
+    torch.testing.assert_close(reused, fresh)
 
 
 def test_a_video_shared_by_two_rows_with_one_prompt_is_encoded_once(tester):
@@ -148,13 +148,12 @@ def test_a_video_shared_by_two_rows_with_one_prompt_is_encoded_once(tester):
     chosen = tester.video_sample(frames=8)
     rejected = dict(chosen, ids=chosen["ids"][:-4] + tester.text(6))
     other_prompt = dict(chosen, clip_ids=tester.prompt()[0])
-    frames_encoded = []
-    handle = tester.model.model.vision_tower.register_forward_hook(lambda module, args, out: frames_encoded.append(args[0].shape[0]))
+    frames, handle = record_calls(tester.model.model.vision_tower.embeddings, lambda pixels: pixels.shape[0])
     try:
         pair = attended_logits(tester.model, tester.collate([chosen, rejected]))
-        assert frames_encoded == [8]
+        assert sum(frames) == 8
         attended_logits(tester.model, tester.collate([chosen, other_prompt]))
-        assert frames_encoded == [8, 16]
+        assert sum(frames) == 8 + 16
     finally:
         handle.remove()
     for sample, logits in zip([chosen, rejected], pair):
@@ -207,23 +206,20 @@ def test_right_padded_batch_generates_the_same_tokens(tester):
 
 def test_visual_encoders_run_once_per_generate_even_with_beams(tester):
     model = tester.model.model
-    counts = {"vision_tower": 0, "prompt_alignment": 0, "pooling": 0, "btadapter": 0}
-    handles = [
-        getattr(model, name).register_forward_hook(lambda *args, name=name: counts.__setitem__(name, counts[name] + 1))
-        for name in counts
-        if getattr(model, name) is not None
-    ]
-    samples = [tester.video_sample(), tester.video_sample(before=5)]
+    frames, tower = record_calls(model.vision_tower.embeddings, lambda pixels: pixels.shape[0])
+    prompts, prompt_encoder = record_calls(model.prompt_alignment.text_model, lambda ids: ids.shape[0])
+    poolings, pooling = record_calls(model.pooling, lambda features: features.shape[0])
+    samples = [tester.video_sample(frames=8), tester.video_sample(frames=8, before=5)]
     try:
         output = greedy(tester.model, tester.collate(samples), num_beams=3, num_return_sequences=2)
     finally:
-        for handle in handles:
+        for handle in (tower, prompt_encoder, pooling):
             handle.remove()
     assert output.shape[0] == 4
-    # One vision-tower call for all frames, one relevance + one pooling per video, no re-encoding while decoding.
-    assert counts["vision_tower"] == 1
-    assert counts["prompt_alignment"] == counts["pooling"] == 2
-    assert counts["btadapter"] == (1 if tester.layout == "vicuna" else 0)
+    # Each frame through the tower once, both prompts in one encoder call, one pooling per video; nothing while decoding.
+    assert sum(frames) == 16
+    assert prompts == [2]
+    assert poolings == [1, 1]
 
 
 def test_sampling_and_beam_search_return_the_requested_sequences(tester):
