@@ -12,9 +12,9 @@ most, and only the language model learning (--freezing_preset dpo).
     # The same with LoRA on the language model (the original's LoRA rank and alpha):
     ... --use_peft --lora_r 64 --lora_alpha 16
 
-    # About a minute on a CPU: a tiny random PPLLaVA and a tiny synthetic preference set ("What color is the video?",
+    # Under a minute on a CPU: a tiny random PPLLaVA and a tiny synthetic preference set ("What color is the video?",
     # the true colour chosen). Without --model_name_or_path the defaults change so that learning shows in a few steps:
-    # learning rate 1e-3, 4 frames, batch size 2, logging every step, no bf16 and no gradient checkpointing.
+    # learning rate 1e-3, 4 frames, batch size 2, logging every step, no bf16, no gradient checkpointing, one thread.
     python examples/train_dpo.py --output_dir /tmp/ppllava-dpo-tiny
 
 It prints the trainable parameters per part at the start and saves the model, its processor and trainer_state.json

@@ -13,9 +13,9 @@ original runs it without gradient).
     # LoRA on the language model instead (the vision side then stays frozen unless --lora_modules_to_save names it):
     ... --use_peft --lora_r 64 --lora_alpha 16
 
-    # About a minute on a CPU: a tiny random PPLLaVA and a tiny synthetic set of video conversations ("What color is
+    # Under a minute on a CPU: a tiny random PPLLaVA and a tiny synthetic set of video conversations ("What color is
     # the video?"). Without --model_name_or_path the defaults change so that the loss visibly falls in a few steps:
-    # learning rate 1e-3, 4 frames, batch size 2, logging every step, no bf16 and no gradient checkpointing.
+    # learning rate 1e-3, 4 frames, batch size 2, logging every step, no bf16, no gradient checkpointing, one thread.
     python examples/train_sft.py --output_dir /tmp/ppllava-sft-tiny
 
 It prints the trainable parameters per part at the start and saves the model, its processor and trainer_state.json

@@ -158,6 +158,9 @@ def run_training_script(
     `--use_peft`), print its trainable parameters per part, train, and save (`save_trained_model`). Returns the trainer,
     whose `state.log_history` holds the logged metrics."""
     script_args, training_args, model_args = parse_script_args(config_class, recipe, description)
+    if model_args.model_name_or_path is None:
+        # The tiny model's operations are too small to gain from threads; idle ones only spin on a busy machine.
+        torch.set_num_threads(1)
     model, processor = load_model_and_processor(model_args, script_args.num_frames, seed=training_args.seed)
     apply_freezing_preset(model, script_args.freezing_preset)
     dataset, media_folder = load_training_rows(script_args, training_args.output_dir, kind)
