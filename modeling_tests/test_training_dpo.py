@@ -71,18 +71,25 @@ def changed(before, model) -> set[str]:
 # The collated batch
 
 
-def test_a_pair_is_collated_as_chosen_then_rejected_with_the_same_video_and_prompt(media):
+@pytest.mark.parametrize(
+    "layout, prompt, end",
+    [
+        ("vicuna", "<s> USER: {video}\nWhat color is the video? ASSISTANT: ", "</s>"),
+        ("qwen", "<|im_start|>user\n{video}\nWhat color is the video?<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>\n"),
+    ],
+)
+def test_a_pair_is_collated_as_chosen_then_rejected_with_the_same_video_and_prompt(media, layout, prompt, end):
     folder, rows = media
-    _, processor = tiny_model_and_processor()
+    _, processor = tiny_model_and_processor(layout=layout)
     batch = PPLLaVAPreferenceCollator(processor, folder)(rows[:2])
     assert set(batch) == {
         "input_ids", "attention_mask", "completion_mask", "pixel_values_videos", "clip_input_ids", "clip_attention_mask"
     }
     decode = processor.tokenizer.decode
     completions = [decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"], batch["completion_mask"])]
-    assert completions == [row[answer] + "</s>" for answer in ("chosen", "rejected") for row in rows[:2]]
-    prompt = decode(batch["input_ids"][0][(batch["completion_mask"][0] == 0) & (batch["attention_mask"][0] == 1)])
-    assert prompt == "<s> USER: " + "<video>" * processor.num_video_tokens(NUM_FRAMES) + "\nWhat color is the video? ASSISTANT: "
+    assert completions == [row[answer] + end for answer in ("chosen", "rejected") for row in rows[:2]]
+    prompt_part = decode(batch["input_ids"][0][(batch["completion_mask"][0] == 0) & (batch["attention_mask"][0] == 1)])
+    assert prompt_part == prompt.format(video="<video>" * processor.num_video_tokens(NUM_FRAMES))
     for pair in (0, 1):
         assert torch.equal(batch["pixel_values_videos"][pair], batch["pixel_values_videos"][pair + 2])
         assert torch.equal(batch["clip_input_ids"][pair], batch["clip_input_ids"][pair + 2])

@@ -65,6 +65,13 @@ def test_labels_keep_exactly_the_assistant_turns_of_the_template_text(media):
     assert batch["clip_input_ids"][0, : len(question)].tolist() == question
 
 
+def test_chatml_labels_keep_the_answer_and_its_im_end(media):
+    folder, rows = media
+    _, processor = tiny_model_and_processor(layout="qwen")
+    batch = PPLLaVASFTCollator(processor, folder)(rows[:1])
+    assert processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100]) == "The video is red.<|im_end|>"
+
+
 def test_the_loss_falls_and_the_vision_tower_does_not_move(sft_run):
     trainer, before = sft_run
     losses = logged(trainer, "loss")

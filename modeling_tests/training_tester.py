@@ -23,9 +23,9 @@ def single_threaded():
     torch.set_num_threads(threads)
 
 
-def tiny_model_and_processor(seed: int = 0):
-    """A tiny random Vicuna-layout PPLLaVA (seeded) and its processor sampling `NUM_FRAMES` frames per video."""
-    config = tiny_config()
+def tiny_model_and_processor(seed: int = 0, layout: str = "vicuna"):
+    """A tiny random PPLLaVA of `layout` (seeded) and its processor sampling `NUM_FRAMES` frames per video."""
+    config = tiny_config(layout)
     torch.manual_seed(seed)
     return PPLLaVAForConditionalGeneration(config), tiny_processor(config, num_frames=NUM_FRAMES)
 
