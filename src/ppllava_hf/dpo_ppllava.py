@@ -33,7 +33,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel
 from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
@@ -212,14 +211,16 @@ class PPLLaVADPOTrainer(PPLLaVATrainerMixin, DPOTrainer):
       pass a `ref_model` loaded with `from_pretrained`, or precompute.
     - The default collator is `PPLLaVAPreferenceCollator`.
 
-    Apply a freezing preset (`apply_freezing_preset(model, "dpo")`, the released recipe) before creating the trainer.
+    Pass the model loaded (`AutoModelForImageTextToText.from_pretrained`, after `import ppllava_hf`): trl loads a
+    path through `config.auto_map`, which only folders saved with remote code have. Apply a freezing preset
+    (`apply_freezing_preset(model, "dpo")`, the released recipe) before creating the trainer.
     """
 
     row_columns = PREFERENCE_COLUMNS
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: "str | PreTrainedModel",
         ref_model: PreTrainedModel | None = None,
         args: DPOConfig | None = None,
         data_collator: Any = None,
@@ -237,11 +238,12 @@ class PPLLaVADPOTrainer(PPLLaVATrainerMixin, DPOTrainer):
         processing_class = self._set_up_rows(
             model, processing_class, check_preference_row, media_folder, on_bad_row, video_check
         )
-        # trl would rebuild the reference with `from_pretrained(model.config._name_or_path)`, which needs the model
-        # saved with an `auto_map` (a converted PPLLaVA folder has none, an in-memory model no path); a copy of the
-        # policy as it is now is the reference by definition.
-        uses_peft = kwargs.get("peft_config") is not None or is_peft_model(model)
-        if ref_model is None and not uses_peft and not args.precompute_ref_log_probs:
+        # trl would rebuild the reference with `from_pretrained(model.config._name_or_path)`, which needs the folder
+        # saved with an `auto_map` (PPLLaVA folders have one only when written with remote code) and an in-memory
+        # model has no path; a copy of the policy as it is now is the reference by definition. (A `PeftModel` is no
+        # `PreTrainedModel`: trl copies its adapter as the reference.)
+        wants_copy = isinstance(model, PreTrainedModel) and kwargs.get("peft_config") is None
+        if ref_model is None and wants_copy and not args.precompute_ref_log_probs:
             ref_model = frozen_copy(model)
         # Built here rather than by trl, which only knows image columns.
         if data_collator is None:

@@ -60,7 +60,7 @@ class PPLLaVATrainerMixin:
 
     def _set_up_rows(
         self,
-        model: PreTrainedModel,
+        model: "str | PreTrainedModel",
         processing_class: ProcessorMixin | None,
         check_row: Callable[..., None],
         media_folder: str | None,
@@ -204,10 +204,11 @@ def load_model_and_processor(
     return model, processor
 
 
-def default_processor(model: PreTrainedModel) -> ProcessorMixin:
-    """The processor saved with `model` (what trl loads when a trainer gets no `processing_class`); the PPLLaVA
-    trainers need it before trl's own `__init__` runs, to build their collator and check the rows."""
-    return AutoProcessor.from_pretrained(get_config_model_id(model.config))
+def default_processor(model: "str | PreTrainedModel") -> ProcessorMixin:
+    """The processor saved with `model` (a folder or Hub id, or a model loaded from one): what trl loads when a trainer
+    gets no `processing_class`. The PPLLaVA trainers need it before trl's own `__init__` runs, to build their collator
+    and check the rows."""
+    return AutoProcessor.from_pretrained(model if isinstance(model, str) else get_config_model_id(model.config))
 
 
 def load_training_rows(
