@@ -1,0 +1,78 @@
+"""The training examples end to end with tiny settings: they print the trainable parameters, train, and leave a model,
+its processor and trainer_state.json in --output_dir that load again; their defaults are the released recipes."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import DPOConfig, SFTConfig
+
+from ppllava_hf.training_ppllava import ADAPTER_FOLDER, parse_script_args
+from training_tester import single_threaded  # noqa: F401
+
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def run_example(name: str, monkeypatch, *arguments: str) -> None:
+    monkeypatch.setattr(sys, "argv", [name, *arguments])
+    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+
+
+def assert_loadable_folder(folder: Path) -> list[dict]:
+    """The folder loads with the Auto classes and generates; returns its log history."""
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text="USER: <video>\nWhat color is the video? ASSISTANT:", videos=[str(folder / "tiny_data" / "red.mp4")])
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+    return json.loads((folder / "trainer_state.json").read_text())["log_history"]
+
+
+def test_the_dpo_example_trains_and_saves_a_loadable_model(tmp_path, monkeypatch, capsys):
+    run_example(
+        "train_dpo.py", monkeypatch, "--output_dir", str(tmp_path), "--max_steps", "3", "--tiny_rows", "4",
+        "--bf16", "True", "--use_cpu", "True", "--gradient_checkpointing", "True",  # bf16 autocast works on CPUs too
+    )
+    printed = capsys.readouterr().out
+    assert "language model" in printed and "vision tower" in printed and "Reward margin" in printed
+    history = assert_loadable_folder(tmp_path)
+    assert [log["step"] for log in history if "rewards/margins" in log] == [1, 2, 3]
+
+
+def test_the_sft_example_with_lora_saves_the_adapter_and_the_merged_model(tmp_path, monkeypatch, capsys):
+    run_example("train_sft.py", monkeypatch, "--output_dir", str(tmp_path), "--max_steps", "2", "--tiny_rows", "4", "--use_peft")
+    assert "Training loss by step" in capsys.readouterr().out
+    assert (tmp_path / ADAPTER_FOLDER / "adapter_config.json").is_file()
+    history = assert_loadable_folder(tmp_path)
+    assert [log["step"] for log in history if "loss" in log] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "name, config_class, recipe",
+    [
+        ("train_dpo.py", DPOConfig, dict(learning_rate=5e-6, lr_scheduler_type="linear", warmup_steps=0.1, num_train_epochs=2,
+                                         max_length=2048, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0],
+                                         num_frames=32, freezing_preset="dpo")),
+        ("train_sft.py", SFTConfig, dict(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=2,
+                                         max_length=1024, num_frames=32, freezing_preset="sft")),
+    ],
+)
+def test_the_defaults_are_the_released_recipe_and_flags_win(name, config_class, recipe, monkeypatch):
+    module = runpy.run_path(str(EXAMPLES / name))
+
+    def parsed(*arguments):
+        monkeypatch.setattr(sys, "argv", [name, *arguments])
+        script_args, training_args, model_args = parse_script_args(config_class, module["RECIPE"], "")
+        return {**vars(script_args), **vars(training_args), **vars(model_args)}
+
+    real = parsed("--model_name_or_path", "ppllava-7b", "--use_cpu")  # bf16 (the recipe) needs a GPU, or use_cpu
+    for key, value in recipe.items():
+        assert real[key] == value or str(real[key]) == value, key
+    tiny = parsed()
+    assert (tiny["learning_rate"], tiny["num_frames"], tiny["bf16"]) == (1e-3, 4, False)
+    assert parsed("--learning_rate", "2e-4")["learning_rate"] == 2e-4
+    assert parsed("--model_name_or_path", "ppllava-7b", "--use_cpu", "--num_frames", "16")["num_frames"] == 16

@@ -1,0 +1,101 @@
+"""Video SFT through trl's SFTTrainer on a tiny PPLLaVA: labels keep the assistant turns only (checked against the
+template text), the loss falls, the vision tower does not move, and the video reaches the loss."""
+
+import numpy as np
+import pytest
+import torch
+from trl import SFTConfig
+
+from ppllava_hf.sft_ppllava import PPLLaVASFTCollator, PPLLaVASFTTrainer
+from ppllava_hf.tiny_datasets_ppllava import color_frames, tiny_sft_rows, write_color_videos
+from training_tester import logged, single_threaded, tiny_model_and_processor, tiny_trainer  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    return str(folder), tiny_sft_rows(write_color_videos(folder), 8)
+
+
+@pytest.fixture(scope="module")
+def sft_run(media, tmp_path_factory):
+    """8 steps (2 epochs of 8 conversations) with the released "sft" preset."""
+    folder, rows = media
+    output_dir = tmp_path_factory.mktemp("sft")
+    trainer, before = tiny_trainer(PPLLaVASFTTrainer, SFTConfig, "sft", rows, folder, output_dir)
+    trainer.train()
+    return trainer, before
+
+
+def two_turns(first_video, second_image) -> dict:
+    return {
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What color is the video?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this image?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+        ],
+        "video": first_video,
+        "image": second_image,
+    }
+
+
+def test_labels_keep_exactly_the_assistant_turns_of_the_template_text(media):
+    folder, _ = media
+    _, processor = tiny_model_and_processor()
+    image = np.full((60, 90, 3), 200, np.uint8)
+    rows = [two_turns("red.mp4", image), tiny_sft_rows({"green": "green.mp4"}, 1)[0]]
+    batch = PPLLaVASFTCollator(processor, folder)(rows)
+    decode = processor.tokenizer.decode
+    text = decode(batch["input_ids"][0])
+    assert text.startswith("<s> Answer briefly. USER: <video>")
+    image_tokens = "<image>" * processor.num_image_tokens((60, 90))
+    assert text.endswith(f"\nWhat color is the video? ASSISTANT: Red.</s>USER: {image_tokens}\nAnd this image? ASSISTANT: Blue.</s>")
+    labels = batch["labels"]
+    learned = [decode(batch["input_ids"][row][labels[row] != -100]) for row in range(2)]
+    assert learned == ["Red.</s>Blue.</s>", "The video is green.</s>"]
+    # The learned tokens are contiguous spans: each answer and its separator, nothing of the user turns or padding.
+    assert labels[1][batch["attention_mask"][1] == 0].eq(-100).all()
+    assert (labels[0] == batch["input_ids"][0]).sum() == (labels[0] != -100).sum()
+    for key in ("pixel_values_videos", "pixel_values", "image_sizes", "clip_input_ids", "clip_attention_mask"):
+        assert key in batch
+    # The pooling prompt is the last question of the conversation.
+    question = processor.prompt_tokenizer("And this image?")["input_ids"]
+    assert batch["clip_input_ids"][0, : len(question)].tolist() == question
+
+
+def test_chatml_labels_keep_the_answer_and_its_im_end(media):
+    folder, rows = media
+    _, processor = tiny_model_and_processor(layout="qwen")
+    batch = PPLLaVASFTCollator(processor, folder)(rows[:1])
+    assert processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100]) == "The video is red.<|im_end|>"
+
+
+def test_the_loss_falls_and_the_vision_tower_does_not_move(sft_run):
+    trainer, before = sft_run
+    losses = logged(trainer, "loss")
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5, losses
+    frozen = {name for name, param in trainer.model.named_parameters() if not param.requires_grad}
+    assert any(name.startswith("model.vision_tower.") for name in frozen)
+    assert all(torch.equal(before[name], param) for name, param in trainer.model.named_parameters() if name in frozen)
+    moved = {name.split(".")[1] for name, param in trainer.model.named_parameters() if not torch.equal(before[name], param)}
+    assert {"btadapter", "multi_modal_projector", "language_model"} <= moved
+
+
+def test_a_zeroed_video_changes_the_loss(sft_run, media):
+    folder, rows = media
+    trainer = sft_run[0]
+    batch = PPLLaVASFTCollator(trainer.processing_class, folder)(rows[:2])
+    zeroed = {**batch, "pixel_values_videos": torch.zeros_like(batch["pixel_values_videos"])}
+    with torch.no_grad():
+        real, blind = (trainer.compute_loss(trainer.model, dict(inputs)).item() for inputs in (batch, zeroed))
+    assert abs(real - blind) > 1e-4
+
+
+def test_frames_in_the_rows_train_like_files(media, tmp_path):
+    """Rows may carry decoded frames instead of paths; here with no media folder at all."""
+    rows = [{**row, "video": color_frames(row["video"].removesuffix(".mp4"), 4)} for row in media[1][:4]]
+    trainer, _ = tiny_trainer(PPLLaVASFTTrainer, SFTConfig, "sft", rows, None, tmp_path, args={"max_steps": 2})
+    trainer.train()
+    assert len(logged(trainer, "loss")) == 2 and trainer.skipped_rows == []

@@ -1,0 +1,77 @@
+"""Shared pieces of the training tests: a tiny model and processor, CPU trainer settings, parameter snapshots."""
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import DPOConfig, SFTConfig
+
+from ppllava_hf import PPLLaVAForConditionalGeneration
+from ppllava_hf.freezing_ppllava import apply_freezing_preset
+from ppllava_hf.tiny_ppllava import tiny_config, tiny_processor
+
+
+NUM_FRAMES = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded():
+    """Run the module on one CPU thread: the tiny models' operations are too small to gain from more, and on a busy
+    machine the idle threads spin (a training run takes several times longer with two threads than with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model_and_processor(seed: int = 0, layout: str = "vicuna"):
+    """A tiny random PPLLaVA of `layout` (seeded) and its processor sampling `NUM_FRAMES` frames per video."""
+    config = tiny_config(layout)
+    torch.manual_seed(seed)
+    return PPLLaVAForConditionalGeneration(config), tiny_processor(config, num_frames=NUM_FRAMES)
+
+
+def cpu_args(config_class: type[DPOConfig] | type[SFTConfig], output_dir, **overrides):
+    """Trainer settings for a few quick CPU steps: two rows a step, logging every step, nothing saved or reported."""
+    settings = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        logging_steps=1,
+        learning_rate=1e-3,
+        num_train_epochs=2,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return config_class(**settings)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, by name."""
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def logged(trainer, key: str) -> list[float]:
+    """The values of one training metric, step by step."""
+    return [log[key] for log in trainer.state.log_history if key in log]
+
+
+def tiny_trainer(trainer_class, config_class, preset: str, rows: list[dict], media_folder, output_dir, args=None, **options):
+    """A PPLLaVA trainer (not yet trained) of a tiny model with `preset` applied, on `rows`, with `cpu_args`; and a
+    snapshot of the model's parameters before training."""
+    model, processor = tiny_model_and_processor()
+    apply_freezing_preset(model, preset)
+    before = snapshot(model)
+    trainer = trainer_class(
+        model,
+        args=cpu_args(config_class, output_dir, **(args or {})),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        media_folder=media_folder,
+        **options,
+    )
+    return trainer, before
