@@ -15,6 +15,7 @@ from trl.trainer.utils import add_fused_lm_head
 from ppllava_hf.dpo_ppllava import PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, frozen_copy
 from ppllava_hf.tiny_datasets_ppllava import tiny_preference_rows, write_color_videos
 from ppllava_hf.training_ppllava import ADAPTER_FOLDER, language_model_lora_config, save_trained_model
+from model_tester import record_calls
 from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
     NUM_FRAMES,
     logged,
@@ -100,8 +101,7 @@ def test_each_video_is_encoded_once_per_pair(media):
     folder, rows = media
     model, processor = tiny_model_and_processor()
     batch = PPLLaVAPreferenceCollator(processor, folder)(rows[:2])
-    frames_seen = []
-    hook = model.model.vision_tower.register_forward_hook(lambda module, args, output: frames_seen.append(len(args[0])))
+    frames_seen, hook = record_calls(model.model.vision_tower.embeddings, lambda pixels: pixels.shape[0])
     with torch.no_grad():
         model(**{key: value for key, value in batch.items() if key != "completion_mask"})
     hook.remove()
