@@ -1,6 +1,6 @@
 """PPLLaVA as a Transformers-native model. Importing the package registers it with the Auto classes."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from .configuration_ppllava import PPLLaVAConfig
@@ -13,17 +13,12 @@ from .video_processing_ppllava import PPLLaVAVideoProcessor
 AutoConfig.register("ppllava", PPLLaVAConfig, exist_ok=True)
 AutoModel.register(PPLLaVAConfig, PPLLaVAModel, exist_ok=True)
 AutoModelForImageTextToText.register(PPLLaVAConfig, PPLLaVAForConditionalGeneration, exist_ok=True)
+AutoModelForMultimodalLM.register(PPLLaVAConfig, PPLLaVAForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PPLLaVAConfig, PPLLaVAProcessor, exist_ok=True)
 # The torch-only video processor serves every backend; transformers looks video processors up under "torchvision".
 AutoVideoProcessor.register(
     PPLLaVAConfig, video_processor_classes={"torchvision": PPLLaVAVideoProcessor}, exist_ok=True
 )
-try:
-    from transformers import AutoModelForMultimodalLM
-except ImportError:  # older transformers without the any-to-any auto class
-    AutoModelForMultimodalLM = None
-if AutoModelForMultimodalLM is not None:
-    AutoModelForMultimodalLM.register(PPLLaVAConfig, PPLLaVAForConditionalGeneration, exist_ok=True)
 
 __all__ = [
     "PPLLaVAConfig",

@@ -73,7 +73,7 @@ def tiny_config(
             text_config=dict(model_type="qwen2", **shared_text),
             prompt_encoder_config=dict(
                 model_type="siglip_text_model", max_position_embeddings=196, projection_size=32,
-                pad_token_id=prompt_vocab_size - 1, eos_token_id=prompt_vocab_size - 1, **shared_prompt,
+                bos_token_id=None, pad_token_id=prompt_vocab_size - 1, eos_token_id=prompt_vocab_size - 1, **shared_prompt,
             ),
             freeze_prompt_encoder=False,
             vision_feature_layer=-1,
