@@ -29,7 +29,7 @@ from transformers import (
 
 from .alignment_ppllava import stretch_position_embeddings
 from .configuration_ppllava import PPLLaVAConfig, first_free_token_id
-from .conversion_ppllava import ORIGINAL_PROMPT_KEEP_POSITIONS, ORIGINAL_PROMPT_STRETCH, expected_state
+from .conversion_ppllava import ORIGINAL_PROMPT_KEEP_POSITIONS, ORIGINAL_PROMPT_STRETCH, expected_state, state_problems
 from .modeling_ppllava import PPLLaVAForConditionalGeneration
 from .processing_ppllava import PPLLaVAProcessor, align_placeholder_tokens
 
@@ -337,19 +337,8 @@ def _btadapter_spatial_weights(
 
 def _check_filled(state: dict[str, torch.Tensor], config: PPLLaVAConfig) -> None:
     """Every key of the model is filled with the right shape or fresh on purpose, and no source weight is left over."""
-    expected = expected_state(config)
-    report = {
-        "PPLLaVA keys no backbone fills": [
-            key for key in expected if key not in state and not key.startswith(FRESH_KEY_PREFIXES)
-        ],
-        "backbone weights PPLLaVA has no place for": [key for key in state if key not in expected],
-        "shape mismatches (backbone vs PPLLaVA)": [
-            f"{key} {tuple(tensor.shape)} vs {tuple(expected[key])}"
-            for key, tensor in state.items()
-            if key in expected and tensor.shape != expected[key]
-        ],
-    }
-    problems = [f"{what}: {', '.join(sorted(keys))}" for what, keys in report.items() if keys]
+    shapes = {key: tensor.shape for key, tensor in state.items()}
+    problems = state_problems(shapes, expected_state(config), "backbone", FRESH_KEY_PREFIXES)
     if problems:
         raise ValueError("The backbones do not compose into a PPLLaVA:\n- " + "\n- ".join(problems))
 

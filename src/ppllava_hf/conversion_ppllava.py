@@ -315,22 +315,28 @@ def _output_names(num_shards: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
 
 
+def state_problems(
+    shapes: dict[str, torch.Size], expected: dict[str, torch.Size], source: str, fresh_prefixes: tuple[str, ...] = ()
+) -> list[str]:
+    """What keeps weights from `source` (key -> shape, in our key names) from filling a model of `expected` state: keys
+    it leaves empty (unless they start with one of `fresh_prefixes`, initialised on purpose), keys the model does not
+    have, and shape mismatches. Each entry names every key concerned."""
+    report = {
+        f"keys of the PPLLaVA-HF model no {source} fills": [
+            key for key in expected if key not in shapes and not key.startswith(fresh_prefixes)
+        ],
+        f"{source} keys the PPLLaVA-HF model does not have": [key for key in shapes if key not in expected],
+        f"shape mismatches ({source} vs PPLLaVA-HF)": [
+            f"{key} {tuple(shape)} vs {tuple(expected[key])}"
+            for key, shape in shapes.items()
+            if key in expected and tuple(shape) != tuple(expected[key])
+        ],
+    }
+    return [f"{what}: {', '.join(sorted(keys))}" for what, keys in report.items() if keys]
+
+
 def _check_keys(seen: dict[str, torch.Size], expected: dict[str, torch.Size], unknown: list[str]) -> None:
-    problems = []
-    if unknown:
-        problems.append("original keys no rule knows: " + ", ".join(sorted(unknown)))
-    missing = sorted(set(expected) - set(seen))
-    if missing:
-        problems.append("keys of the PPLLaVA-HF model no original key fills: " + ", ".join(missing))
-    unexpected = sorted(set(seen) - set(expected))
-    if unexpected:
-        problems.append("converted keys the PPLLaVA-HF model does not have: " + ", ".join(unexpected))
-    mismatched = [
-        f"{key} {tuple(seen[key])} vs {tuple(expected[key])}"
-        for key in sorted(set(seen) & set(expected))
-        if tuple(seen[key]) != tuple(expected[key])
-    ]
-    if mismatched:
-        problems.append("shape mismatches (converted vs expected): " + ", ".join(mismatched))
+    problems = ["original keys no rule knows: " + ", ".join(sorted(unknown))] if unknown else []
+    problems += state_problems(seen, expected, "converted original key")
     if problems:
         raise ConversionError("The checkpoint does not convert:\n- " + "\n- ".join(problems))
