@@ -7,6 +7,8 @@ always expanded to exactly the number of vectors the model scatters into it.
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
+from .pooling_ppllava import plan_image_pooling
+
 
 def anyres_grid_shape(image_size: tuple[int, int], grid_pinpoints: list[list[int]], tile_size: int) -> tuple[int, int]:
     """(rows, columns) of tiles LLaVA-NeXT cuts an image of `image_size` (height, width) into."""
@@ -36,11 +38,19 @@ def unpadded_size(height: int, width: int, image_size: tuple[int, int]) -> tuple
 
 
 def num_image_tokens(
-    image_size: tuple[int, int], grid_pinpoints: list[list[int]], tile_size: int, pooled_grid: tuple[int, int]
+    image_size: tuple[int, int],
+    grid_pinpoints: list[list[int]],
+    tile_size: int,
+    patch_grid: tuple[int, int],
+    kernel: list[int],
+    stride: list[int],
+    output_size: list[int] | None = None,
 ) -> int:
-    """Visual tokens of one anyres image whose tiles are pooled to `pooled_grid` (rows, columns) each."""
+    """Visual tokens of one anyres image (what its placeholder expands to): its tiles pooled per `plan_image_pooling`,
+    then laid out as `pack_image_tokens` does. The model's check and the processor's expansion both call this."""
     rows, cols = anyres_grid_shape(image_size, grid_pinpoints, tile_size)
-    tile_rows, tile_cols = pooled_grid
+    plan = plan_image_pooling(1 + rows * cols, patch_grid, kernel, stride, output_size)
+    tile_rows, tile_cols = plan.output_size[1:]
     top, bottom, left, right = unpadded_size(rows * tile_rows, cols * tile_cols, image_size)
     return tile_rows * tile_cols + (bottom - top) * (right - left + 1)
 

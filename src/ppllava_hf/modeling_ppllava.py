@@ -181,9 +181,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         """Visual tokens of an image of `image_size` (height, width)."""
-        tiles = num_anyres_tiles(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-        pooled = self.image_pooling_plan(tiles).output_size[1:]
-        return num_image_tokens(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size, pooled)
+        config = self.config
+        return num_image_tokens(
+            image_size, config.image_grid_pinpoints, config.vision_config.image_size, config.patch_grid,
+            config.image_pooling_kernel, config.image_pooling_stride, config.image_pooling_output_size,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Vision tower (+ BT-Adapter)

@@ -17,10 +17,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging
 from transformers.video_processing_utils import VideoProcessorMixin
 
-from .anyres_ppllava import num_anyres_tiles, num_image_tokens
+from .anyres_ppllava import num_image_tokens
 from .chat_template_ppllava import default_chat_template, last_user_text
 from .configuration_ppllava import PPLLaVAConfig
-from .pooling_ppllava import plan_image_pooling, plan_video_pooling
+from .pooling_ppllava import plan_video_pooling
 from .video_processing_ppllava import PPLLaVAVideoProcessor, PPLLaVAVideosKwargs, flatten_videos
 
 
@@ -241,13 +241,10 @@ class PPLLaVAProcessor(ProcessorMixin):
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         """Visual tokens the model produces for an image of `image_size` (height, width)."""
-        pinpoints = self.image_processor.image_grid_pinpoints
-        tile = self.image_processor.crop_size.height
-        tiles = num_anyres_tiles(image_size, pinpoints, tile)
-        pooled_grid = plan_image_pooling(
-            tiles, self.patch_grid, self.image_pooling_kernel, self.image_pooling_stride, self.image_pooling_output_size
-        ).output_size[1:]
-        return num_image_tokens(image_size, pinpoints, tile, pooled_grid)
+        return num_image_tokens(
+            image_size, self.image_processor.image_grid_pinpoints, self.image_processor.crop_size.height,
+            self.patch_grid, self.image_pooling_kernel, self.image_pooling_stride, self.image_pooling_output_size,
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
 
