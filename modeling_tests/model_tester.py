@@ -21,6 +21,17 @@ def record_calls(module, measure):
     return sizes, module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def record_pooling_windows(model):
+    """Hook the prompt-guided pooling of a `PPLLaVAModel`: every call appends its `(kernel, stride)`; remove the handle
+    when done."""
+    windows = []
+
+    def hook(_, args):
+        windows.append((tuple(args[2]), tuple(args[3])))
+
+    return windows, model.multi_modal_projector.pooling.register_forward_pre_hook(hook)
+
+
 class PPLLaVAModelTester:
     """Builds a tiny model of one layout and batches of video / image / text-only samples for it."""
 

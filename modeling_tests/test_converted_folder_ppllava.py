@@ -41,6 +41,7 @@ REMOTE_CODE_FILES = [
     "configuration_ppllava.py",
     "modeling_ppllava.py",
     "pooling_ppllava.py",
+    "transformers_internals_ppllava.py",
 ]
 
 

@@ -85,8 +85,11 @@ def test_long_clip_equals_its_btadapter_chunks_encoded_alone(vision_chunk_frames
     video = random_video(11)
 
     with torch.no_grad():
-        whole = model.encode_frames(video, [11])
-        pieces = [model.encode_frames(video[start : start + size], [size]) for start, size in ((0, 4), (4, 4), (8, 3))]
+        whole = model.encode_frames(video, [11]).last_hidden_state
+        pieces = [
+            model.encode_frames(video[start : start + size], [size]).last_hidden_state
+            for start, size in ((0, 4), (4, 4), (8, 3))
+        ]
 
     torch.testing.assert_close(whole, torch.cat(pieces))
 
@@ -109,7 +112,7 @@ def test_clip_of_exactly_the_table_length_runs_the_adapter_once_over_all_frames(
     video = random_video(64)
 
     with torch.no_grad():
-        encoded = model.encode_frames(video, [64])
+        encoded = model.encode_frames(video, [64]).last_hidden_state
         hidden_states = model.vision_tower(video, output_hidden_states=True).hidden_states
         first = model.config.vision_config.num_hidden_layers - model.btadapter.depth + 1
         layers = [hidden_states[index][None] for index in range(first, model._feature_state_index() + 1)]
@@ -129,16 +132,16 @@ def test_chunked_vision_encoding_equals_unchunked(layout, vision_chunk_frames):
     video = random_video(13)
 
     with torch.no_grad():
-        unchunked = model.encode_frames(video, [13])
+        unchunked = model.encode_frames(video, [13]).last_hidden_state
         model.config.vision_chunk_frames = vision_chunk_frames
-        chunked = model.encode_frames(video, [13])
+        chunked = model.encode_frames(video, [13]).last_hidden_state
 
     torch.testing.assert_close(chunked, unchunked)
 
 
 @pytest.mark.parametrize("layout", ["vicuna", "qwen"])
 def test_chunked_video_features_equal_unchunked(layout):
-    """Relevance (a softmax over all patches), pooled tokens and plans do not depend on the chunk size."""
+    """Relevance (a softmax over all patches) and pooled tokens do not depend on the chunk size."""
     model = tiny_model(layout, btadapter_max_frames=8, max_visual_tokens=12)
     videos = [random_video(13, seed=1), random_video(4, seed=2)]
     prompts = PROMPT.repeat(2, 1)
@@ -148,7 +151,6 @@ def test_chunked_video_features_equal_unchunked(layout):
         model.config.vision_chunk_frames = 3
         chunked = model.get_video_features(videos, clip_input_ids=prompts)
 
-    assert chunked.pooling_plans == unchunked.pooling_plans
     for name in ("pooler_output", "relevance"):
         for actual, expected in zip(getattr(chunked, name), getattr(unchunked, name)):
             torch.testing.assert_close(actual, expected)
@@ -197,7 +199,7 @@ def test_no_stage_sees_more_frames_than_the_chunk(layout, max_visual_tokens):
     for hook in hooks:
         hook.remove()
 
-    window_frames = output.pooling_plans[0].kernel[0]
+    window_frames = model.video_pooling_plan(23).kernel[0]
     assert sum(tower) == 23 and max(tower) <= 4
     assert sum(alignment) == 23 and max(alignment) <= 4
     if model.btadapter is not None:
@@ -211,16 +213,24 @@ def test_vision_chunk_frames_must_be_positive():
 
 
 @pytest.mark.parametrize("layout", ["vicuna", "qwen"])
-def test_vision_states_are_the_towers_hidden_states(layout):
-    """The tower runs only up to the deepest state needed, giving the numbers of its own `output_hidden_states`."""
-    model = tiny_model(layout)
+@pytest.mark.parametrize("vision_chunk_frames", [None, 2])
+def test_encoded_frames_carry_the_towers_own_hidden_states(layout, vision_chunk_frames):
+    """The vision tower runs through its public forward: chunked or not, the returned hidden states are the ones its
+    own `output_hidden_states` gives, and the selected features are the state at `vision_feature_layer` (blended with
+    the BT-Adapter where there is one)."""
+    model = tiny_model(layout, vision_chunk_frames=vision_chunk_frames)
     pixels = random_video(3)
-    num_states = model.config.vision_config.num_hidden_layers + 1
+    first_token = 1 if model.config.vision_feature_select_strategy == "default" else 0
 
     with torch.no_grad():
         expected = model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        for indices in ([0], [num_states - 2], [1, 2, 3], list(range(num_states))):
-            states = model._vision_states(pixels, indices)
-            assert sorted(states) == indices
-            for index in indices:
-                torch.testing.assert_close(states[index], expected[index])
+        encoded = model.encode_frames(pixels, [3], output_hidden_states=True)
+
+    assert len(encoded.hidden_states) == model.config.vision_config.num_hidden_layers + 1
+    for state, expected_state in zip(encoded.hidden_states, expected):
+        torch.testing.assert_close(state, expected_state)
+    selected = expected[model.config.vision_feature_layer][:, first_token:]
+    if model.btadapter is None:
+        torch.testing.assert_close(encoded.last_hidden_state, selected)
+    else:
+        assert encoded.last_hidden_state.shape == selected.shape

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAConfig, PPLLaVAForConditionalGeneration, PPLLaVAModel
-from model_tester import PPLLaVAModelTester, record_calls
+from model_tester import PPLLaVAModelTester, record_calls, record_pooling_windows
 
 
 LAYOUTS = ["vicuna", "qwen"]
@@ -174,11 +174,17 @@ def test_a_sample_with_several_images_pools_each_under_the_sample_prompt(tester)
 
 def test_per_call_token_budget_coarsens_the_temporal_pooling(tester):
     sample = tester.video_sample(frames=8)
-    features = tester.model.get_video_features(
-        sample["video"][None], clip_input_ids=sample["clip_ids"][None], max_visual_tokens=8
-    )
+    windows, hook = record_pooling_windows(tester.model.model)
+    try:
+        features = tester.model.get_video_features(
+            sample["video"][None], clip_input_ids=sample["clip_ids"][None], max_visual_tokens=8
+        )
+    finally:
+        hook.remove()
+    plan = tester.model.model.video_pooling_plan(8, max_visual_tokens=8)
     assert features.pooler_output[0].shape[0] == 8
-    assert features.pooling_plans[0].output_size == (2, 2, 2)
+    assert plan.output_size == (2, 2, 2)
+    assert windows == [(plan.kernel, plan.stride)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,7 +214,7 @@ def test_visual_encoders_run_once_per_generate_even_with_beams(tester):
     model = tester.model.model
     frames, tower = record_calls(model.vision_tower.embeddings, lambda pixels: pixels.shape[0])
     prompts, prompt_encoder = record_calls(model.prompt_alignment.text_model, lambda ids: ids.shape[0])
-    poolings, pooling = record_calls(model.pooling, lambda features: features.shape[0])
+    poolings, pooling = record_calls(model.multi_modal_projector.pooling, lambda features: features.shape[0])
     samples = [tester.video_sample(frames=8), tester.video_sample(frames=8, before=5)]
     try:
         output = greedy(tester.model, tester.collate(samples), num_beams=3, num_return_sequences=2)

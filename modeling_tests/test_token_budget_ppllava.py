@@ -8,6 +8,7 @@ import torch
 from ppllava_hf import PPLLaVAForConditionalGeneration
 from ppllava_hf.pooling_ppllava import fit_temporal_windows, plan_video_pooling
 from ppllava_hf.tiny_ppllava import tiny_config
+from model_tester import record_pooling_windows
 
 
 GRID = (24, 24)
@@ -91,19 +92,22 @@ def test_budget_below_one_pooled_frame_is_an_error():
 def test_model_emits_exactly_the_planned_number_of_tokens(num_frames):
     """The model and the processor share `plan_video_pooling`: the token count is the plan's, budget included."""
     torch.manual_seed(0)
-    model = PPLLaVAForConditionalGeneration(tiny_config("vicuna", max_visual_tokens=12, btadapter_max_frames=8)).eval()
+    model = PPLLaVAForConditionalGeneration(tiny_config("vicuna", max_visual_tokens=12, btadapter_max_frames=8)).eval().model
     video = torch.randn(num_frames, 3, 84, 84)
     config = model.config
 
+    windows, hook = record_pooling_windows(model)
     with torch.no_grad():
         default = model.get_video_features([video], clip_input_ids=torch.tensor([[5, 6, 7]]))
         per_call = model.get_video_features([video], clip_input_ids=torch.tensor([[5, 6, 7]]), max_visual_tokens=4)
+    hook.remove()
 
-    for output, budget in ((default, 12), (per_call, 4)):
+    assert len(windows) == 2  # one pooling call per video: the whole clip in one block
+    for output, window, budget in ((default, windows[0], 12), (per_call, windows[1], 4)):
         plan = plan_video_pooling(
             num_frames, config.patch_grid, config.video_pooling_kernel, config.video_pooling_stride,
             max_visual_tokens=budget,
         )
-        assert output.pooling_plans == [plan]
+        assert window == (plan.kernel, plan.stride)
         assert output.pooler_output[0].shape == (plan.num_tokens, config.text_config.hidden_size)
         assert plan.num_tokens <= budget

@@ -5,16 +5,21 @@ patch goes through the vision tower's post-layernorm and visual projection; the 
 over all patches of one sample, are the relevance weights that drive prompt-guided pooling.
 """
 
+import math
+
 import torch
 from torch import nn
 from transformers import CLIPTextModel, SiglipTextModel
-from transformers.models.siglip.modeling_siglip import SiglipMLP
 
 from .configuration_ppllava import PPLLaVAConfig
+from .transformers_internals_ppllava import SiglipMLP, replace_text_embeddings
 
 
 # SigLIP's text tower is not in AutoModel's mapping, so the two supported prompt encoders are named here.
 PROMPT_ENCODER_CLASSES = {"clip_text_model": CLIPTextModel, "siglip_text_model": SiglipTextModel}
+# CLIP's and SigLIP's own initial temperature (log scale) and SigLIP's bias: what a fresh alignment starts from.
+INITIAL_LOGIT_SCALE = {"clip_text_model": math.log(1 / 0.07), "siglip_text_model": math.log(10.0)}
+INITIAL_SIGLIP_LOGIT_BIAS = -10.0
 
 
 def stretch_position_embeddings(table: torch.Tensor, keep: int = 20, factor: int = 4) -> torch.Tensor:
@@ -105,24 +110,30 @@ class PPLLaVAVisionPromptAlignment(nn.Module):
         self.is_siglip = prompt_config.model_type == "siglip_text_model"
         self.freeze_prompt_encoder = config.freeze_prompt_encoder
         # Stock CLIP/SigLIP text encoder, with PPLLaVA's extended position tables in place of its embeddings.
-        self.text_model = PROMPT_ENCODER_CLASSES[prompt_config.model_type]._from_config(prompt_config)
-        self.text_model.embeddings = PPLLaVAExtendedTextEmbeddings(
-            prompt_config.vocab_size,
-            prompt_config.hidden_size,
-            prompt_config.max_position_embeddings,
-            config.prompt_keep_positions,
+        self.text_model = PROMPT_ENCODER_CLASSES[prompt_config.model_type](prompt_config)
+        replace_text_embeddings(
+            self.text_model,
+            PPLLaVAExtendedTextEmbeddings(
+                prompt_config.vocab_size,
+                prompt_config.hidden_size,
+                prompt_config.max_position_embeddings,
+                config.prompt_keep_positions,
+            ),
         )
         self.visual_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
         if self.is_siglip:
             self.text_projection = None
             self.visual_projection = PPLLaVASiglipPatchHead(vision_config)
-            self.register_buffer("logit_bias", torch.zeros(()))
+            self.register_buffer("logit_bias", torch.tensor(INITIAL_SIGLIP_LOGIT_BIAS))
         else:
             projection_dim = prompt_config.projection_dim
             self.text_projection = nn.Linear(prompt_config.hidden_size, projection_dim, bias=False)
             self.visual_projection = nn.Linear(vision_config.hidden_size, projection_dim, bias=False)
             self.logit_bias = None
-        self.register_buffer("logit_scale", torch.zeros(()))
+        # Created at their initial values (which `_init_weights` restores), so a load that skips initialisation and
+        # misses them still scores with the CLIP/SigLIP temperature.
+        self.initial_logit_scale = INITIAL_LOGIT_SCALE[prompt_config.model_type]
+        self.register_buffer("logit_scale", torch.tensor(self.initial_logit_scale))
 
     def encode_prompt(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Prompt embedding `(batch, dim)` before L2 normalisation."""

@@ -12,8 +12,9 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.clip.modeling_clip import CLIPAttention, CLIPMLP
+from transformers import GradientCheckpointingLayer
+
+from .transformers_internals_ppllava import CLIPMLP, CLIPAttention
 
 
 def btadapter_chunk_sizes(num_frames: int, max_frames: int) -> list[int]:

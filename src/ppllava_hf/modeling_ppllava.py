@@ -1,6 +1,5 @@
 """PPLLaVA models: vision tower (+ BT-Adapter), vision-prompt alignment, prompt-guided pooling, projector and a causal LM."""
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -9,18 +8,22 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+    ModelOutput,
+)
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
-from transformers.utils.generic import can_return_tuple
 
-from .alignment_ppllava import PPLLaVAVisionPromptAlignment
+from .alignment_ppllava import INITIAL_SIGLIP_LOGIT_BIAS, PPLLaVAVisionPromptAlignment
 from .anyres_ppllava import num_anyres_tiles, num_image_tokens, pack_image_tokens
 from .btadapter_ppllava import PPLLaVABTAdapter, btadapter_chunk_sizes
 from .configuration_ppllava import PPLLaVAConfig
 from .pooling_ppllava import PoolingPlan, PPLLaVAPromptGuidedPooling, plan_image_pooling, plan_video_pooling
+from .transformers_internals_ppllava import slice_logits_to_keep, vision_position_embeddings
 
 
 logger = logging.get_logger(__name__)
@@ -29,22 +32,27 @@ logger = logging.get_logger(__name__)
 @dataclass
 class PPLLaVAVisualOutput(BaseModelOutputWithPooling):
     r"""
+    last_hidden_state (`torch.Tensor` of shape `(frames_or_tiles, patches, vision_hidden_size)`):
+        The selected vision features PPLLaVA scores and pools (the vision tower's state at `vision_feature_layer`,
+        blended with the BT-Adapter when there is one, CLS dropped with the "default" strategy), of every frame or tile
+        of the inputs in order.
     pooler_output (`list[torch.Tensor]`):
         One `(num_tokens, text_hidden_size)` tensor per video or image: the visual tokens that replace its placeholders.
+    hidden_states, attentions (`tuple[torch.Tensor]`, *optional*):
+        The vision tower's own, over the same frames or tiles, when `output_hidden_states` / `output_attentions`.
     relevance (`list[torch.Tensor]`):
         One `(frames_or_tiles, rows, columns)` float32 tensor per video or image: the prompt relevance of every patch
         (a softmax over all of them), which weighted the pooling.
-    pooling_plans (`list[PoolingPlan]`):
-        The pooling windows used for each video or image.
     """
 
     relevance: list[torch.Tensor] | None = None
-    pooling_plans: list[PoolingPlan] | None = None
 
 
 @dataclass
 class PPLLaVAModelOutputWithPast(BaseModelOutputWithPast):
     r"""
+    The language model's outputs (whatever the installed transformers names its cache field), and:
+
     image_hidden_states (`torch.Tensor`, *optional*):
         `(num_image_tokens, hidden_size)`: the visual tokens scattered into the image placeholders.
     video_hidden_states (`torch.Tensor`, *optional*):
@@ -56,26 +64,19 @@ class PPLLaVAModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class PPLLaVACausalLMOutputWithPast(ModelOutput):
+class PPLLaVACausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    loss (`torch.Tensor`, *optional*): next-token loss, when `labels` are given.
-    logits (`torch.Tensor`): `(batch, sequence, vocab)` scores.
-    past_key_values (`Cache`, *optional*): the language model's KV cache.
-    hidden_states, attentions (`tuple[torch.Tensor]`, *optional*): language model internals when requested.
+    transformers' causal-LM output (loss, logits, cache, hidden states, attentions), and:
+
     image_hidden_states, video_hidden_states (`torch.Tensor`, *optional*): the visual tokens that were scattered in.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
     image_hidden_states: torch.Tensor | None = None
     video_hidden_states: torch.Tensor | None = None
 
 
 class PPLLaVAMultiModalProjector(nn.Module):
-    """Two-layer projector from vision to LLM hidden size, with an optional pooling step before the second layer.
+    """Two-layer projector from vision to LLM hidden size, with PPLLaVA's prompt-guided pooling before the second layer.
 
     Pooling before `linear_2` gives the same tokens as pooling after it (the window weights sum to one and `linear_2` is
     affine) while running the widest matmul on the pooled tokens only.
@@ -86,12 +87,21 @@ class PPLLaVAMultiModalProjector(nn.Module):
         text_hidden = config.text_config.hidden_size
         self.linear_1 = nn.Linear(config.vision_config.hidden_size, text_hidden, bias=config.multimodal_projector_bias)
         self.act = ACT2FN[config.projector_hidden_act]
+        self.pooling = PPLLaVAPromptGuidedPooling(config.pooling_temperature)
         self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=config.multimodal_projector_bias)
 
-    def forward(self, features: torch.Tensor, pool=None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        relevance: torch.Tensor | None = None,
+        pooling_kernel: tuple[int, int, int] | None = None,
+        pooling_stride: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
+        """Project `features` `(..., vision_hidden)`; with `relevance`, pool `(batch, frames, rows, columns, dim)`
+        features in `pooling_kernel` windows every `pooling_stride` (see [`PPLLaVAPromptGuidedPooling`]) on the way."""
         hidden = self.act(self.linear_1(features))
-        if pool is not None:
-            hidden = pool(hidden)
+        if relevance is not None:
+            hidden = self.pooling(hidden, relevance, pooling_kernel, pooling_stride)
         return self.linear_2(hidden)
 
 
@@ -100,7 +110,6 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
     _no_split_modules = ["PPLLaVABTAdapter", "PPLLaVAVisionPromptAlignment"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -108,7 +117,11 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
-    @torch.no_grad()
+    def _return(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+        """`output`, or its tuple form when `return_dict` (or, when not given, `config.return_dict`) is False."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -118,10 +131,9 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
             embeddings = module.text_model.embeddings
             init.normal_(embeddings.position_embedding_base, mean=0.0, std=std)
             init.copy_(embeddings.position_embedding_residual, embeddings.position_embedding_base)
-            # CLIP's and SigLIP's own initial temperature and bias.
-            init.constant_(module.logit_scale, math.log(10.0) if module.is_siglip else math.log(1 / 0.07))
+            init.constant_(module.logit_scale, module.initial_logit_scale)
             if module.logit_bias is not None:
-                init.constant_(module.logit_bias, -10.0)
+                init.constant_(module.logit_bias, INITIAL_SIGLIP_LOGIT_BIAS)
         elif isinstance(module, PPLLaVABTAdapter):
             init.zeros_(module.cls_token)
             # Zero temporal projections make the fresh branch an identity on the patch tokens, as in the original.
@@ -144,7 +156,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             else None
         )
         self.prompt_alignment = PPLLaVAVisionPromptAlignment(config)
-        self.pooling = PPLLaVAPromptGuidedPooling(config.pooling_temperature)
         self.multi_modal_projector = PPLLaVAMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = AutoModel.from_config(config.text_config)
@@ -200,34 +211,28 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         first = self.config.vision_config.num_hidden_layers - self.btadapter.depth + 1
         return list(range(first, self._feature_state_index() + 1))
 
-    def _vision_states(self, pixels: torch.Tensor, state_indices: list[int]) -> dict[int, torch.Tensor]:
-        """Hidden states `state_indices` of the vision tower (0: the embeddings, i: the output of layer i), as its
-        `output_hidden_states` numbers them.
-
-        The tower's own forward runs every layer and keeps every hidden state; PPLLaVA selects the second-to-last (and
-        the BT-Adapter two more below it), so the layers run here up to the deepest state requested and only the
-        requested states are kept.
-        """
-        tower = self.vision_tower
-        hidden = tower.embeddings(pixels)
-        if hasattr(tower, "pre_layrnorm"):  # CLIP's; SigLIP has none
-            hidden = tower.pre_layrnorm(hidden)
-        states = {0: hidden} if 0 in state_indices else {}
-        for index, layer in enumerate(tower.encoder.layers[: max(state_indices)], start=1):
-            hidden = layer(hidden, None)
-            if index in state_indices:
-                states[index] = hidden
-        return states
-
-    def _run_vision_tower(self, frames: torch.Tensor, state_indices: list[int]) -> dict[int, torch.Tensor]:
-        """Hidden states `state_indices` of the vision tower for `frames` `(num_frames, 3, H, W)`, in frame chunks."""
+    def _run_vision_tower(
+        self, frames: torch.Tensor, state_indices: list[int], output_hidden_states: bool, output_attentions: bool
+    ) -> tuple[dict[int, torch.Tensor], list[BaseModelOutputWithPooling]]:
+        """Hidden states `state_indices` of the vision tower for `frames` `(num_frames, 3, H, W)` (0: the embeddings,
+        i: the output of layer i, as `output_hidden_states` numbers them), running at most `vision_chunk_frames` frames
+        at a time; with `output_hidden_states` / `output_attentions` also the tower's own output of each chunk."""
         chunk = self.config.vision_chunk_frames or frames.shape[0]
         collected = {index: [] for index in state_indices}
+        tower_outputs = []
         dtype = self.vision_tower.dtype
         for start in range(0, frames.shape[0], chunk):
-            for index, state in self._vision_states(frames[start : start + chunk].to(dtype), state_indices).items():
-                collected[index].append(state)
-        return {index: states[0] if len(states) == 1 else torch.cat(states) for index, states in collected.items()}
+            outputs = self.vision_tower(
+                pixel_values=frames[start : start + chunk].to(dtype),
+                output_hidden_states=True,
+                output_attentions=output_attentions,
+            )
+            for index in state_indices:
+                collected[index].append(outputs.hidden_states[index])
+            if output_hidden_states or output_attentions:
+                tower_outputs.append(outputs)
+        states = {index: _concatenate(chunks) for index, chunks in collected.items()}
+        return states, tower_outputs
 
     def _encoding_groups(self, clip_lengths: list[int], with_btadapter: bool) -> list[tuple[int, int, int]]:
         """`(first_frame, num_segments, segment_frames)` of each group of consecutive frames encoded together.
@@ -251,8 +256,15 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             start += size
         return groups
 
-    def encode_frames(self, frames: torch.Tensor, clip_lengths: list[int]) -> torch.Tensor:
-        """Selected vision features `(num_frames, patches, vision_hidden)` of frames grouped into clips.
+    def encode_frames(
+        self,
+        frames: torch.Tensor,
+        clip_lengths: list[int],
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutput:
+        """Selected vision features (`last_hidden_state`, `(num_frames, patches, vision_hidden)`) of frames grouped into
+        clips, and on request the vision tower's own hidden states and attentions over the same frames.
 
         Videos are clips of their frames; image tiles are one-frame clips. The BT-Adapter (when present and reaching the
         selected layer) runs across the frames of each clip, per chunk of at most `btadapter_max_frames` frames (see
@@ -264,23 +276,32 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         state_indices = sorted(set(adapter_indices) | {feature_index})
         first_token = 1 if self.config.vision_feature_select_strategy == "default" else 0
         groups = self._encoding_groups(clip_lengths, bool(adapter_indices))
-        selected = None
+        selected, tower_outputs = None, []
         for start, num_segments, segment_frames in groups:
             stop = start + num_segments * segment_frames
-            states = self._run_vision_tower(frames[start:stop], state_indices)
+            states, outputs = self._run_vision_tower(
+                frames[start:stop], state_indices, output_hidden_states, output_attentions
+            )
+            tower_outputs.extend(outputs)
             if adapter_indices:
                 segments = [states[index].unflatten(0, (num_segments, segment_frames)) for index in adapter_indices]
-                position_embedding = self.vision_tower.embeddings.position_embedding.weight
+                position_embedding = vision_position_embeddings(self.vision_tower)
                 group = self.btadapter(segments, position_embedding, self.config.vision_chunk_frames).flatten(0, 1)
             else:
                 group = states[feature_index]
             group = group[:, first_token:]
             if len(groups) == 1:
-                return group
+                selected = group
+                continue
+            # Filled in place: a list of groups joined at the end would hold the features of every frame twice.
             if selected is None:
                 selected = group.new_empty((frames.shape[0], *group.shape[1:]))
             selected[start:stop] = group
-        return selected
+        return BaseModelOutput(
+            last_hidden_state=selected,
+            hidden_states=_concatenate_layers(tower_outputs, "hidden_states") if output_hidden_states else None,
+            attentions=_concatenate_layers(tower_outputs, "attentions") if output_attentions else None,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Prompt, relevance, pooling
@@ -334,8 +355,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         )
         blocks = []
         for _, input_frames, block_plan in plan.temporal_blocks(output_frames_per_block):
-            pool = functools.partial(self.pooling, relevance=relevance[:, input_frames], plan=block_plan)
-            blocks.append(self.multi_modal_projector(patches[:, input_frames], pool=pool))
+            blocks.append(
+                self.multi_modal_projector(
+                    patches[:, input_frames], relevance[:, input_frames], block_plan.kernel, block_plan.stride
+                )
+            )
         return relevance[0], torch.cat(blocks, dim=1)[0]
 
     @staticmethod
@@ -348,7 +372,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             return list(pixel_values_videos)
         return list(pixel_values_videos)
 
-    @can_return_tuple
     def get_video_features(
         self,
         pixel_values_videos: torch.Tensor | list[torch.Tensor],
@@ -356,8 +379,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> PPLLaVAVisualOutput:
+    ) -> PPLLaVAVisualOutput | tuple:
         r"""
         Pooled visual tokens of each video: vision tower (+ BT-Adapter), relevance to its prompt, prompt-guided pooling.
 
@@ -369,19 +395,26 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             Precomputed prompt embeddings instead of `clip_input_ids`.
         max_visual_tokens (`int`, *optional*):
             Token budget per video for this call (defaults to `config.max_visual_tokens`).
+        output_hidden_states, output_attentions (`bool`, *optional*):
+            Also return the vision tower's hidden states / attentions over all frames (defaults: the config's).
+
+        Returns a [`PPLLaVAVisualOutput`]: the tokens of each video in `pooler_output`, the selected vision features of
+        every frame in `last_hidden_state`, the relevance of each video in `relevance`.
         """
         videos = self._video_list(pixel_values_videos)
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
-        tokens, relevance, plans = [], [], []
+        output_hidden_states, output_attentions = self._vision_output_flags(output_hidden_states, output_attentions)
+        encoded, tokens, relevance = [], [], []
         for video, prompt in zip(videos, prompts):
             plan = self.video_pooling_plan(video.shape[0], max_visual_tokens)
-            clip_relevance, pooled = self._pool_clip(self.encode_frames(video, [video.shape[0]]), prompt, plan)
+            vision = self.encode_frames(video, [video.shape[0]], output_hidden_states, output_attentions)
+            clip_relevance, pooled = self._pool_clip(vision.last_hidden_state, prompt, plan)
+            encoded.append(vision)
             tokens.append(pooled.flatten(0, 2))
             relevance.append(clip_relevance)
-            plans.append(plan)
-        return PPLLaVAVisualOutput(pooler_output=tokens, relevance=relevance, pooling_plans=plans)
+        output = PPLLaVAVisualOutput(**_join_vision_outputs(encoded), pooler_output=tokens, relevance=relevance)
+        return self._return(output, return_dict)
 
-    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor | list[torch.Tensor],
@@ -389,8 +422,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> PPLLaVAVisualOutput:
+    ) -> PPLLaVAVisualOutput | tuple:
         r"""
         Visual tokens of each anyres image: its tiles are scored jointly against its prompt, pooled per tile, and laid out
         as LLaVA-NeXT does (base tile, unpadded grid rows each ended by `image_newline`).
@@ -401,6 +437,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             Original (height, width) of each image.
         clip_input_ids, clip_attention_mask, prompt_embeds:
             One pooling prompt per image, as for `get_video_features`.
+        output_hidden_states, output_attentions (`bool`, *optional*):
+            Also return the vision tower's hidden states / attentions over all tiles (defaults: the config's).
         """
         config = self.config
         tile_size = config.vision_config.image_size
@@ -408,16 +446,25 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         tile_counts = [num_anyres_tiles(size, config.image_grid_pinpoints, tile_size) for size in sizes]
         tiles = [image[:count] for image, count in zip(pixel_values, tile_counts)]
         prompts = self._prompts_for_items(len(tiles), "image", clip_input_ids, clip_attention_mask, prompt_embeds)
-        features = self.encode_frames(torch.cat(tiles), [1] * sum(tile_counts)).split(tile_counts)
-        tokens, relevance, plans = [], [], []
-        for image_features, size, prompt in zip(features, sizes, prompts):
+        output_hidden_states, output_attentions = self._vision_output_flags(output_hidden_states, output_attentions)
+        vision = self.encode_frames(torch.cat(tiles), [1] * sum(tile_counts), output_hidden_states, output_attentions)
+        tokens, relevance = [], []
+        for image_features, size, prompt in zip(vision.last_hidden_state.split(tile_counts), sizes, prompts):
             plan = self.image_pooling_plan(image_features.shape[0])
             image_relevance, pooled = self._pool_clip(image_features, prompt, plan)
             newline = self.image_newline.to(pooled.device)
             tokens.append(pack_image_tokens(pooled, size, config.image_grid_pinpoints, tile_size, newline))
             relevance.append(image_relevance)
-            plans.append(plan)
-        return PPLLaVAVisualOutput(pooler_output=tokens, relevance=relevance, pooling_plans=plans)
+        output = PPLLaVAVisualOutput(**vision, pooler_output=tokens, relevance=relevance)
+        return self._return(output, return_dict)
+
+    def _vision_output_flags(self, output_hidden_states: bool | None, output_attentions: bool | None) -> tuple[bool, bool]:
+        """The requested vision outputs, defaulting to the config's settings as transformers models do."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        return bool(output_hidden_states), bool(output_attentions)
 
     @torch.no_grad()
     def get_video_relevance(
@@ -430,7 +477,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         and time the model looks for the prompt (the weights of its pooling)."""
         videos = self._video_list(pixel_values_videos)
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, None)
-        return [self._relevance(self.encode_frames(video, [video.shape[0]]), prompt)[0] for video, prompt in zip(videos, prompts)]
+        return [
+            self._relevance(self.encode_frames(video, [video.shape[0]]).last_hidden_state, prompt)[0]
+            for video, prompt in zip(videos, prompts)
+        ]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Placeholders
@@ -508,7 +558,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 list(pixel_values),
                 keys,
                 lambda unique: self.get_image_features(
-                    [pixel_values[i] for i in unique], image_sizes[unique], prompt_embeds=prompt_embeds[rows[unique]]
+                    [pixel_values[i] for i in unique],
+                    image_sizes[unique],
+                    prompt_embeds=prompt_embeds[rows[unique]],
+                    return_dict=True,
                 ),
             )
         if pixel_values_videos is not None:
@@ -520,7 +573,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 videos,
                 prompt_keys[rows],
                 lambda unique: self.get_video_features(
-                    [videos[i] for i in unique], prompt_embeds=prompt_embeds[rows[unique]], max_visual_tokens=max_visual_tokens
+                    [videos[i] for i in unique],
+                    prompt_embeds=prompt_embeds[rows[unique]],
+                    max_visual_tokens=max_visual_tokens,
+                    return_dict=True,
                 ),
             )
         return outputs
@@ -540,7 +596,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------------------------
 
-    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -551,20 +606,24 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_attention_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         max_visual_tokens: int | None = None,
+        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> PPLLaVAModelOutputWithPast:
+    ) -> PPLLaVAModelOutputWithPast | tuple:
         r"""
         clip_input_ids, clip_attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`):
             One pooling prompt per sample; every image and video of a sample is pooled under its guidance.
         mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
             Precomputed visual tokens (`{"image": ..., "video": ...}`, e.g. from `encode_multimodal`) instead of pixels.
+            A step without placeholders (a decoding step) has nothing to scatter them into and ignores them.
         max_visual_tokens (`int`, *optional*):
             Token budget per video for this call (defaults to `config.max_visual_tokens`).
+        kwargs:
+            Passed to the language model, the KV cache included under the name the installed transformers gives it
+            (`past_key_values` up to 5.23, `cache` from 5.24): PPLLaVA itself never reads the cache.
 
         The output's `last_hidden_state` is exactly as long as `input_ids`: the processor expanded every placeholder.
         """
@@ -585,7 +644,12 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             encoded = (mm_encoder_outputs or {}).get(modality)
             if encoded is not None:
                 mask = self._placeholder_mask(token_id, input_ids, inputs_embeds)
-                inputs_embeds, hidden[modality] = self._scatter(inputs_embeds, mask, encoded.pooler_output, modality)
+                if bool(mask.any()):
+                    inputs_embeds, hidden[modality] = self._scatter(inputs_embeds, mask, encoded.pooler_output, modality)
+            elif inputs_embeds.shape[1] > 1 and not torch.compiler.is_compiling():
+                # Decoding steps carry no placeholders; a prompt's placeholders with nothing to fill them would make
+                # the model answer from the placeholder embeddings.
+                self._check_no_placeholders(token_id, input_ids, inputs_embeds, modality)
 
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             # Positions count only attended tokens, so a padded sample sees the same positions as alone.
@@ -594,19 +658,26 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
-        return PPLLaVAModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=hidden.get("image"),
-            video_hidden_states=hidden.get("video"),
+        output = PPLLaVAModelOutputWithPast(
+            **outputs, image_hidden_states=hidden.get("image"), video_hidden_states=hidden.get("video")
         )
+        return self._return(output, return_dict)
+
+    def _check_no_placeholders(
+        self, token_id: int, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, modality: str
+    ) -> None:
+        count = int(self._placeholder_mask(token_id, input_ids, inputs_embeds).sum())
+        if count:
+            pixels = "pixel_values_videos" if modality == "video" else "pixel_values (and image_sizes)"
+            raise ValueError(
+                f"The input has {count} {modality} placeholder tokens but no {modality} to fill them: pass {pixels} and "
+                "clip_input_ids (the PPLLaVA processor returns them), or precomputed mm_encoder_outputs."
+            )
 
 
 def _encode_once_each(items: list[torch.Tensor], keys: torch.Tensor, encode) -> PPLLaVAVisualOutput:
@@ -628,8 +699,29 @@ def _encode_once_each(items: list[torch.Tensor], keys: torch.Tensor, encode) -> 
     return PPLLaVAVisualOutput(
         pooler_output=[encoded.pooler_output[i] for i in slot],
         relevance=[encoded.relevance[i] for i in slot],
-        pooling_plans=[encoded.pooling_plans[i] for i in slot],
     )
+
+
+def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors joined along dim 0 (the tensor itself, not a copy, when there is one)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _concatenate_layers(outputs: list[ModelOutput], field: str) -> tuple[torch.Tensor, ...] | None:
+    """The per-layer `field` (hidden states or attentions) of outputs over consecutive frames, joined frame-wise."""
+    per_output = [getattr(output, field) for output in outputs]
+    if not per_output or per_output[0] is None:
+        return None
+    return tuple(_concatenate(list(layer)) for layer in zip(*per_output))
+
+
+def _join_vision_outputs(outputs: list[BaseModelOutput]) -> dict[str, torch.Tensor | tuple | None]:
+    """Vision outputs of consecutive inputs as one: every field joined frame-wise."""
+    return {
+        "last_hidden_state": _concatenate([output.last_hidden_state for output in outputs]),
+        "hidden_states": _concatenate_layers(outputs, "hidden_states"),
+        "attentions": _concatenate_layers(outputs, "attentions"),
+    }
 
 
 class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
@@ -650,11 +742,11 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
-    def get_video_features(self, pixel_values_videos, **kwargs) -> PPLLaVAVisualOutput:
+    def get_video_features(self, pixel_values_videos, **kwargs) -> PPLLaVAVisualOutput | tuple:
         """See [`PPLLaVAModel.get_video_features`]."""
         return self.model.get_video_features(pixel_values_videos, **kwargs)
 
-    def get_image_features(self, pixel_values, image_sizes, **kwargs) -> PPLLaVAVisualOutput:
+    def get_image_features(self, pixel_values, image_sizes, **kwargs) -> PPLLaVAVisualOutput | tuple:
         """See [`PPLLaVAModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
 
@@ -666,7 +758,6 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         """See [`PPLLaVAModel.encode_multimodal`]."""
         return self.model.encode_multimodal(**kwargs)
 
-    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -677,15 +768,15 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         clip_attention_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         max_visual_tokens: int | None = None,
+        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> PPLLaVACausalLMOutputWithPast:
+    ) -> PPLLaVACausalLMOutputWithPast | tuple:
         r"""
         clip_input_ids, clip_attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`):
             One pooling prompt per sample (the processor returns them).
@@ -695,6 +786,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             Precomputed visual tokens instead of pixels (see `encode_multimodal`).
         max_visual_tokens (`int`, *optional*):
             Token budget per video for this call.
+        kwargs:
+            Passed to the language model (the KV cache included, under the installed transformers' name for it).
 
         Example:
 
@@ -718,11 +811,11 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             clip_attention_mask=clip_attention_mask,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs,
             max_visual_tokens=max_visual_tokens,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -732,15 +825,9 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return PPLLaVACausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            video_hidden_states=outputs.video_hidden_states,
-        )
+        language_model_outputs = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        output = PPLLaVACausalLMOutputWithPast(loss=loss, logits=logits, **language_model_outputs)
+        return self._return(output, return_dict)
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):

@@ -236,5 +236,11 @@ class PPLLaVAPromptGuidedPooling(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, features: torch.Tensor, relevance: torch.Tensor, plan: PoolingPlan) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, relevance: torch.Tensor, kernel: Triple, stride: Triple
+    ) -> torch.Tensor:
+        """Pool `features` `(batch, frames, rows, columns, dim)` with `(frames, rows, columns)` windows of `kernel`
+        every `stride`, weighted by `relevance` `(batch, frames, rows, columns)`. Trailing frames or patches that no window reaches are left
+        out, as in the original."""
+        plan = plan_pooling(tuple(features.shape[1:4]), kernel=kernel, stride=stride)
         return prompt_guided_pool(features, relevance, plan, self.temperature)

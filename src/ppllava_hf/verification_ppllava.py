@@ -217,7 +217,7 @@ def _sample_outputs(backbone, inputs: dict, sample: int, modality: str, pixels: 
         inputs["clip_input_ids"][sample : sample + 1], inputs["clip_attention_mask"][sample : sample + 1]
     )
     clip_lengths = [pixels.shape[0]] if modality == "video" else [1] * pixels.shape[0]
-    features = backbone.encode_frames(pixels, clip_lengths)
+    features = backbone.encode_frames(pixels, clip_lengths).last_hidden_state
     patches = features.unflatten(1, backbone.config.patch_grid)[None]
     return {
         "visual_features": pooled[None],
