@@ -68,7 +68,10 @@ def test_readme_starts_with_setup_plus_quickstart_then_the_test_command_that_ci_
     setup_and_run, tests = readme_commands()[:2]
     assert "pip install -e" in setup_and_run and "examples/quickstart.py --output-dir" in setup_and_run
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert ci_lines[-1] == tests.strip() == "python -m pytest -q modeling_tests"
+    assert tests.strip() == "python -m pytest -q modeling_tests"
+    assert ci_lines.count(tests.strip()) == 1  # inside run_suite, which runs it in both environments
+    assert ci_lines[-4:] == ["make_environment oldest \"${pins[@]}\"", "run_suite oldest", "make_environment newest",
+                             "run_suite newest"]
 
 
 def test_readme_quickstart_prints_token_counts_answer_and_moments(quickstart):

@@ -4,11 +4,12 @@
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, StaticCache
 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAConfig, PPLLaVAForConditionalGeneration, PPLLaVAModel
@@ -143,6 +144,58 @@ def test_precomputed_visual_tokens_skip_the_vision_tower(tester):
     torch.testing.assert_close(reused, fresh)
 
 
+def test_a_decoding_step_ignores_visual_tokens_it_has_no_placeholders_for(tester):
+    """After prefill the step's input holds no placeholders: precomputed tokens handed to it change nothing, whether
+    or not transformers drops them outside prefill."""
+    batch = tester.collate([tester.video_sample()])
+    encoded = tester.model.encode_multimodal(
+        input_ids=batch["input_ids"], pixel_values_videos=batch["pixel_values_videos"],
+        clip_input_ids=batch["clip_input_ids"], clip_attention_mask=batch["clip_attention_mask"],
+    )
+    with torch.no_grad():
+        prefill = tester.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mm_encoder_outputs=encoded, use_cache=True
+        )
+        cache_name = "cache" if "cache" in prefill else "past_key_values"
+        step = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.cat([batch["attention_mask"], torch.ones(1, 1)], -1)}
+        plain = tester.model(**step, **{cache_name: copy.deepcopy(prefill[cache_name])}).logits
+        with_tokens = tester.model(**step, **{cache_name: copy.deepcopy(prefill[cache_name])}, mm_encoder_outputs=encoded)
+    torch.testing.assert_close(with_tokens.logits, plain)
+
+
+@pytest.mark.parametrize("modality", ["video", "image"])
+def test_placeholders_with_nothing_to_fill_them_are_refused(tester, modality):
+    sample = tester.video_sample() if modality == "video" else tester.image_sample()
+    batch = tester.collate([sample])
+    with pytest.raises(ValueError, match=f"{modality} placeholder tokens but no {modality} to fill them"):
+        tester.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_outputs_carry_the_language_models_cache_under_the_installed_name(tester):
+    """The output classes come from transformers' own, so the cache field is named as the installed release names it
+    (`past_key_values` up to 5.23, `cache` from 5.24) and `generate` finds it."""
+    batch = tester.collate([tester.text_sample()])
+    with torch.no_grad():
+        outputs = tester.model(**batch, use_cache=True)
+        base_outputs = tester.model.model(**batch, use_cache=True)
+    language_model_fields = set(tester.model.model.language_model(input_ids=batch["input_ids"], use_cache=True).keys())
+    cache_name = (language_model_fields - {"last_hidden_state"}).pop()
+    assert cache_name in outputs and cache_name in base_outputs
+    assert outputs[cache_name].get_seq_length() == batch["input_ids"].shape[1]
+
+
+def test_return_dict_false_gives_tuples(tester):
+    batch = tester.collate([tester.video_sample()])
+    with torch.no_grad():
+        as_dict = tester.model(**batch)
+        as_tuple = tester.model(**batch, return_dict=False)
+        features = tester.model.get_video_features(
+            batch["pixel_values_videos"], clip_input_ids=batch["clip_input_ids"], return_dict=False
+        )
+    assert isinstance(as_tuple, tuple) and isinstance(features, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.logits)
+
+
 def test_a_video_shared_by_two_rows_with_one_prompt_is_encoded_once(tester):
     # The shape of a preference pair: chosen and rejected rows carry the same video and the same pooling prompt.
     chosen = tester.video_sample(frames=8)
@@ -208,6 +261,30 @@ def test_right_padded_batch_generates_the_same_tokens(tester):
     left = greedy(tester.model, tester.collate(samples, padding_side="left"))
     right = greedy(tester.model, tester.collate(samples, padding_side="right"))
     torch.testing.assert_close(right, left)
+
+
+def test_a_static_cache_generates_what_the_dynamic_cache_generates(tester):
+    batch = tester.collate([tester.video_sample(), tester.image_sample()], padding_side="left")
+    torch.testing.assert_close(greedy(tester.model, batch, cache_implementation="static"), greedy(tester.model, batch))
+
+
+def test_a_decoding_step_compiles_as_one_graph_and_gives_the_eager_logits():
+    """`_can_compile_fullgraph`: after prefill into a static cache, the step `generate` compiles is one graph."""
+    tester = PPLLaVAModelTester("qwen")
+    model, batch = tester.model, tester.collate([tester.video_sample()])
+    length = batch["input_ids"].shape[1]
+    cache_name = "cache" if "cache" in inspect.signature(model.model.language_model.forward).parameters else "past_key_values"
+    cache = StaticCache(config=model.config, max_cache_len=length + 2)
+    with torch.no_grad():
+        next_token = model(**batch, use_cache=True, **{cache_name: cache}).logits[:, -1:].argmax(-1)
+        step = {"input_ids": next_token, "position_ids": torch.tensor([[length]]), "use_cache": True, cache_name: cache}
+        compiled = torch.compile(model, fullgraph=True)(**step).logits
+        eager = model(
+            **{**batch, "input_ids": torch.cat([batch["input_ids"], next_token], -1),
+               "attention_mask": torch.ones(1, length + 1, dtype=torch.long)}
+        ).logits[:, -1:]
+    assert PPLLaVAForConditionalGeneration._can_compile_fullgraph
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
 def test_visual_encoders_run_once_per_generate_even_with_beams(tester):

@@ -263,7 +263,7 @@ def test_max_length_never_cuts_through_a_visual_span():
     processor = tiny_processor("vicuna")
     text = "USER: <video>\nWhat happens in the video? ASSISTANT: "
     full = processor(text=text, videos=[frames(8)])["input_ids"].shape[1]
-    with pytest.raises(ValueError, match=f"cuts through the <video> tokens of sample 0, which needs {full} tokens"):
+    with pytest.raises(ValueError, match="Mismatch in `video` token count.*increase `max_length`"):
         processor(text=text, videos=[frames(8)], truncation=True, max_length=10)
     kept = processor(text=text, videos=[frames(8)], truncation=True, max_length=full - 3)
     assert (kept["input_ids"] == processor.video_token_id).sum() == processor.num_video_tokens(8)

@@ -1,11 +1,11 @@
 """PPLLaVA as a Transformers-native model. Importing the package registers it with the Auto classes."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
-from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from .configuration_ppllava import PPLLaVAConfig
 from .modeling_ppllava import PPLLaVAForConditionalGeneration, PPLLaVAModel, PPLLaVAPreTrainedModel
 from .processing_ppllava import PPLLaVAProcessor
+from .transformers_internals_ppllava import AutoVideoProcessor
 from .video_decoding_ppllava import PPLLaVAVideoMetadata, VideoDecodingError, decode_video, sample_frame_indices
 from .video_processing_ppllava import PPLLaVAVideoProcessor
 

@@ -115,7 +115,8 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    # A decoding step (no placeholders, no pixels) is the language model alone: it compiles as one graph.
+    _can_compile_fullgraph = True
 
     def _return(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
         """`output`, or its tuple form when `return_dict` (or, when not given, `config.return_dict`) is False."""

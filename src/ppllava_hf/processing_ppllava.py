@@ -7,21 +7,20 @@ tokenizer (CLIP or SigLIP): the text that guides which patches the model keeps w
 
 import re
 
+import numpy as np
 import torch
 from tokenizers import AddedToken
-from transformers import LlavaNextImageProcessorPil
-from transformers.feature_extraction_utils import BatchFeature
+from transformers import BatchFeature, LlavaNextImageProcessorPil, PreTrainedTokenizerBase, ProcessingKwargs, ProcessorMixin
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.processing_utils import Unpack
 from transformers.utils import logging
-from transformers.video_processing_utils import VideoProcessorMixin
 
 from .anyres_ppllava import num_image_tokens
 from .chat_template_ppllava import default_chat_template, last_user_text
 from .configuration_ppllava import PPLLaVAConfig
 from .pooling_ppllava import plan_video_pooling
-from .video_processing_ppllava import PPLLaVAVideoProcessor, PPLLaVAVideosKwargs, flatten_videos
+from .transformers_internals_ppllava import VideoProcessorMixin
+from .video_processing_ppllava import PPLLaVAVideoProcessor, PPLLaVAVideosKwargs, canonical_videos
 
 
 logger = logging.get_logger(__name__)
@@ -38,17 +37,13 @@ class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
         the defaults), or one string for every sample.
     chat_pooling_prompt (`list[str]`):
         Set by `apply_chat_template`: the last user turn of each conversation (used when `pooling_prompt` is not given).
-    max_visual_tokens (`int`):
-        Token budget per video for this call; must match the value given to the model.
-    add_timestamps (`bool`):
-        Write "The video contains N frames sampled at t1, t2, ... seconds." after each video's tokens.
+
+    The video options `max_visual_tokens` and `add_timestamps` are in [`PPLLaVAVideosKwargs`].
     """
 
     videos_kwargs: PPLLaVAVideosKwargs
     pooling_prompt: str | list[str | None] | None
     chat_pooling_prompt: list[str] | None
-    max_visual_tokens: int | None
-    add_timestamps: bool
 
 
 class PPLLaVAProcessor(ProcessorMixin):
@@ -90,7 +85,8 @@ class PPLLaVAProcessor(ProcessorMixin):
     skip_tensor_conversion = ["video_metadata", "text_replacement_offsets", "pixel_values_videos"]
     text_kwargs = {"padding": True, "return_tensors": "pt"}
     images_kwargs = {"return_tensors": "pt"}
-    add_timestamps = False
+    # Metadata always: `add_timestamps` needs the frame times (the outputs keep it only with `return_metadata=True`).
+    videos_kwargs = {"return_tensors": "pt", "return_metadata": True}
 
     def __init__(
         self,
@@ -228,8 +224,8 @@ class PPLLaVAProcessor(ProcessorMixin):
     @property
     def patch_grid(self) -> tuple[int, int]:
         """(rows, columns) of patches per frame: the frame size over the patch size."""
-        size = self.video_processor.size
-        return size.height // self.patch_size, size.width // self.patch_size
+        height, width = self.video_processor.frame_size
+        return height // self.patch_size, width // self.patch_size
 
     def num_video_tokens(self, num_frames: int, max_visual_tokens: int | None = None) -> int:
         """Visual tokens the model produces for a `num_frames`-frame video (what its `<video>` expands to)."""
@@ -249,47 +245,37 @@ class PPLLaVAProcessor(ProcessorMixin):
     # ------------------------------------------------------------------------------------------------------------------
 
     def __call__(self, images=None, text=None, videos=None, **kwargs: Unpack[PPLLaVAProcessorKwargs]) -> BatchFeature:
-        """Model inputs for a batch of texts with their videos and images (placeholders in the text, in order)."""
+        """Model inputs for a batch of texts with their videos and images (placeholders in the text, in order).
+
+        transformers' `ProcessorMixin.__call__` processes the media, expands the placeholders through
+        `replace_image_token` / `replace_video_token` and tokenizes; the pooling prompts are added to its outputs.
+        """
         texts = self._check_texts(text)
-        merged = self._merge_kwargs(PPLLaVAProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
-        text_kwargs, videos_kwargs = merged["text_kwargs"], merged["videos_kwargs"]
-        return_tensors = text_kwargs.get("return_tensors")
-        return_metadata = videos_kwargs.pop("return_metadata", False)
+        prompts = self._pooling_prompts(texts, kwargs.pop("pooling_prompt", None), kwargs.pop("chat_pooling_prompt", None))
+        if videos is not None:
+            videos = canonical_videos(videos)
+        outputs = super().__call__(images=images, text=texts, videos=videos, **kwargs)
+        outputs.update(self._encode_pooling_prompts(prompts, _tensor_type(outputs["input_ids"])))
+        return outputs
 
-        if images is not None:
-            images = make_flat_list_of_images(self.image_processor.fetch_images(images))
-        videos = flatten_videos(videos) if videos is not None else []
-        self._check_placeholders(texts, len(images or []), self.image_token, "image")
-        self._check_placeholders(texts, len(videos), self.video_token, "video")
-        prompts = self._pooling_prompts(texts, merged.get("pooling_prompt"), merged.get("chat_pooling_prompt"))
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs) -> None:
+        """transformers' checks, after PPLLaVA's own placeholder counts (which say where each input goes)."""
+        images = make_flat_list_of_images(images) if images is not None else []
+        self._check_placeholders(text, len(images), self.image_token, "image")
+        self._check_placeholders(text, len(videos or []), self.video_token, "video")
+        super().validate_inputs(images=images or None, text=text, videos=videos, audio=audio, **kwargs)
 
-        data, image_texts, video_texts = {}, [], []
-        if images:
-            image_inputs = self.image_processor(images, **merged["images_kwargs"])
-            data.update(image_inputs)
-            image_texts = [self.image_token * self.num_image_tokens(tuple(size)) for size in image_inputs["image_sizes"]]
-        if videos:
-            video_inputs = self.video_processor(videos, return_metadata=True, **videos_kwargs)
-            data["pixel_values_videos"] = video_inputs["pixel_values_videos"]
-            metadata = video_inputs["video_metadata"]
-            if return_metadata:
-                data["video_metadata"] = metadata
-            video_texts = [
-                self.video_token * self.num_video_tokens(len(pixels), merged.get("max_visual_tokens"))
-                + (_timestamps_sentence(meta) if merged.get("add_timestamps") else "")
-                for pixels, meta in zip(data["pixel_values_videos"], metadata)
-            ]
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """An image's placeholder expanded to its number of visual tokens (anyres tiles, pooled and laid out)."""
+        return self.image_token * self.num_image_tokens(tuple(int(v) for v in image_inputs["image_sizes"][image_idx]))
 
-        expanded, replacement_offsets = self.get_text_with_replacements(texts, image_texts, video_texts)
-        text_inputs = self.tokenizer(expanded, **text_kwargs)
-        self._check_visual_spans(expanded, text_inputs, text_kwargs)
-        data.update(text_inputs)
-        data.update(self._encode_pooling_prompts(prompts, return_tensors))
-        if merged.get("return_text_replacement_offsets"):
-            data["text_replacement_offsets"] = replacement_offsets
-        if merged.get("return_mm_token_type_ids"):
-            data["mm_token_type_ids"] = self.create_mm_token_type_ids(text_inputs["input_ids"])
-        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        """A video's placeholder expanded to its number of pooled tokens (and, with `add_timestamps`, its frame times)."""
+        frames = len(video_inputs["pixel_values_videos"][video_idx])
+        expansion = self.video_token * self.num_video_tokens(frames, kwargs.get("max_visual_tokens"))
+        if kwargs.get("add_timestamps"):
+            expansion += _timestamps_sentence(video_inputs["video_metadata"][video_idx])
+        return expansion
 
     def _check_texts(self, text) -> list[str]:
         if text is None:
@@ -352,33 +338,18 @@ class PPLLaVAProcessor(ProcessorMixin):
             mask = torch.ones_like(mask) if isinstance(mask, torch.Tensor) else [[1] * len(row) for row in mask]
         return {"clip_input_ids": encoded["input_ids"], "clip_attention_mask": mask}
 
-    def _check_visual_spans(self, expanded: list[str], text_inputs, text_kwargs: dict) -> None:
-        """Truncation must keep or drop a placeholder span whole, never cut through it."""
-        rows = text_inputs["input_ids"]
-        rows = rows.tolist() if hasattr(rows, "tolist") else rows
-        for token, token_id in ((self.image_token, self.image_token_id), (self.video_token, self.video_token_id)):
-            for index, (sample, ids) in enumerate(zip(expanded, rows)):
-                if sample.count(token) == list(ids).count(token_id):
-                    continue
-                dropped = ("truncation", "max_length", "padding", "return_tensors")
-                untruncated = {key: value for key, value in text_kwargs.items() if key not in dropped}
-                needed = len(self.tokenizer(sample, **untruncated)["input_ids"])
-                raise ValueError(
-                    f"max_length={text_kwargs.get('max_length')} cuts through the {token} tokens of sample {index}, which "
-                    f"needs {needed} tokens. Raise max_length to at least {needed}, or shorten the visual span (fewer "
-                    "frames, a smaller max_visual_tokens)."
-                )
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # transformers hooks
-
-    def _multimodal_inputs_from_conversations(self, conversations, *args, **kwargs):
-        """Also pass the last user turn of each conversation, the default pooling prompt of chat inputs."""
-        images, videos, audio, extra = super()._multimodal_inputs_from_conversations(conversations, *args, **kwargs)
-        return images, videos, audio, {**extra, "chat_pooling_prompt": [last_user_text(c) for c in conversations]}
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """transformers' `apply_chat_template`, with the text of each conversation's last user turn as its default
+        pooling prompt (what the original's demo and evaluation feed the prompt encoder)."""
+        conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+        processor_kwargs = {"chat_pooling_prompt": [last_user_text(c) for c in conversations]}
+        processor_kwargs.update(kwargs.pop("processor_kwargs", None) or {})
+        return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
 
     def check_argument_for_proper_class(self, argument_name, argument):
-        # Without torchvision, transformers cannot resolve `VideoProcessorMixin` by name; check it directly.
+        # transformers resolves the expected class of each sub-processor by name through its Auto mappings, and without
+        # torchvision (which PPLLaVA does not need) the video-processor mapping is a placeholder that cannot; the video
+        # processor is checked directly instead.
         if argument_name == "video_processor":
             if not isinstance(argument, VideoProcessorMixin):
                 raise TypeError(f"video_processor must be a VideoProcessorMixin, got {type(argument).__name__}.")
@@ -391,12 +362,12 @@ class PPLLaVAProcessor(ProcessorMixin):
                 "pixel_values", "image_sizes"]
 
     def _check_frame_sizes(self) -> None:
-        size = self.video_processor.size
+        height, width = self.video_processor.frame_size
         crop = self.image_processor.crop_size
-        if size.height != size.width or (crop.height, crop.width) != (size.height, size.width):
+        if height != width or (crop.height, crop.width) != (height, width):
             raise ValueError(
-                f"Video frames ({size.height}x{size.width}) and image tiles ({crop.height}x{crop.width}) must both be the "
-                "vision tower's square input size."
+                f"Video frames ({height}x{width}) and image tiles ({crop.height}x{crop.width}) must both be the vision "
+                "tower's square input size."
             )
 
 
@@ -419,6 +390,13 @@ def align_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, config: PPLLaVA
             "embedding rows; the model has no row for a video placeholder (grow its embeddings first)."
         )
     config.video_token_id = video_token_id
+
+
+def _tensor_type(values) -> str | None:
+    """The `return_tensors` value that gives `values`' type."""
+    if isinstance(values, torch.Tensor):
+        return "pt"
+    return "np" if isinstance(values, np.ndarray) else None
 
 
 def _placeholder_id(tokenizer, token: str) -> int:

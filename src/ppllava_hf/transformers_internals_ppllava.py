@@ -22,6 +22,9 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 
+# The Auto class of video processors, to register PPLLaVA's: the top-level name is a placeholder without torchvision.
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+
 # The base class of video processors. transformers exports it at the top level only when torchvision is installed,
 # which PPLLaVA does not depend on; the submodule has it always.
 from transformers.video_processing_utils import VideoProcessorMixin
@@ -50,6 +53,7 @@ def vision_position_embeddings(vision_tower: nn.Module) -> torch.Tensor:
 
 
 __all__ = [
+    "AutoVideoProcessor",
     "CLIPAttention",
     "CLIPMLP",
     "SiglipMLP",

@@ -7,20 +7,19 @@ the square input of SigLIP (384, aspect kept, black bars).
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from huggingface_hub.dataclasses import validate_typed_dict
-from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SizeDict, validate_kwargs
+from transformers import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import Unpack, VideosKwargs
-from transformers.video_processing_utils import VideoProcessorMixin
 from transformers.video_utils import VideoMetadata
 
+from .transformers_internals_ppllava import VideoProcessorMixin
 from .video_decoding_ppllava import PPLLaVAVideoMetadata, decode_video, sample_frame_indices
 
 
@@ -34,11 +33,19 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
         inside `size` and pads with black (the original SigLIP path).
     start_time, end_time (`float`, or a list with one entry per video):
         Clip bounds in seconds; frames are sampled inside them.
+    max_visual_tokens (`int`):
+        Token budget per video for this call; must match the value given to the model. Read by the processor, which
+        expands each placeholder to the video's token count (the video processor itself does not use it).
+    add_timestamps (`bool`):
+        Read by the processor: write "The video contains N frames sampled at t1, t2, ... seconds." after each video's
+        tokens.
     """
 
     resize_mode: Literal["squash", "letterbox"]
     start_time: TimeBound
     end_time: TimeBound
+    max_visual_tokens: int | None
+    add_timestamps: bool
 
 
 class PPLLaVAVideoProcessor(VideoProcessorMixin):
@@ -48,15 +55,16 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
     Inputs: a path to a video file (mp4, mkv, webm, avi, mov, gif, ...), a uint8 array `(T, H, W, 3)`, a tensor
     `(T, 3, H, W)` or `(T, H, W, 3)`, a list of PIL images or of `(H, W, 3)` frames, or a list of such videos.
     Frames are always converted to 8-bit RGB (grayscale repeated, alpha dropped, 16-bit scaled); float frames must lie
-    in [0, 1]. Outputs are torch tensors whatever `return_tensors` says.
+    in [0, 1].
 
     Sampling: files are always sampled (`num_frames` by PPLLaVA's rule, or `fps`, inside `start_time`/`end_time`), unless
     `do_sample_frames=False`, which keeps every frame of the clip. Frame arrays are used as given unless
     `do_sample_frames=True`.
 
     Output: `pixel_values_videos`, a float32 tensor `(videos, frames, 3, height, width)`, or a list of
-    `(frames, 3, height, width)` tensors when the videos have different frame counts; with `return_metadata=True`
-    also `video_metadata` (one [`PPLLaVAVideoMetadata`] per video: sampled indices, timestamps, fps, duration).
+    `(frames, 3, height, width)` tensors when the videos have different frame counts (numpy arrays with
+    `return_tensors="np"`); with `return_metadata=True` also `video_metadata` (one [`PPLLaVAVideoMetadata`] per video:
+    sampled indices, timestamps, fps, duration).
     """
 
     valid_kwargs = PPLLaVAVideosKwargs
@@ -76,22 +84,32 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
     frames_per_chunk = 8
 
     def __init__(self, **kwargs: Unpack[PPLLaVAVideosKwargs]):
-        super().__init__(**kwargs)
-        self._set_attributes(**kwargs)
+        super().__init__(**kwargs)  # every setting becomes an attribute, over the class defaults
+        height, width = frame_size(self.size)
+        self.size = {"height": height, "width": width}
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         if self.num_frames is not None and self.fps is not None:
             raise ValueError("Set either a default `num_frames` or a default `fps` for sampling, not both.")
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the frames this processor outputs."""
+        return frame_size(self.size)
 
     def preprocess(self, videos, **kwargs: Unpack[PPLLaVAVideosKwargs]) -> BatchFeature:
         """Batch of `pixel_values_videos` (and `video_metadata` with `return_metadata=True`); see the class docstring."""
         valid_names = list(self.valid_kwargs.__annotations__)
-        validate_kwargs(captured_kwargs=kwargs.keys(), valid_processor_keys=[*valid_names, "return_tensors"])
-        validate_typed_dict(self.valid_kwargs, kwargs)
+        unknown = sorted(set(kwargs) - set(valid_names))
+        if unknown:
+            raise ValueError(f"Unknown video processor option(s) {unknown}; the options are {sorted(valid_names)}.")
         num_frames, fps = kwargs.pop("num_frames", None), kwargs.pop("fps", None)
         if num_frames is None and fps is None:
             num_frames, fps = self.num_frames, self.fps
         elif num_frames is not None and fps is not None:
             raise ValueError(f"Sample frames with either `num_frames` or `fps`, not both (got {num_frames=}, {fps=}).")
-        options = self._standardize_kwargs(**{name: kwargs.get(name, getattr(self, name, None)) for name in valid_names})
+        options = {
+            name: kwargs[name] if kwargs.get(name) is not None else getattr(self, name, None) for name in valid_names
+        }
         if options["do_center_crop"] or options["do_pad"]:
             raise ValueError(
                 "PPLLaVA frames are squashed or letterboxed to `size` (see `resize_mode`); do_center_crop and do_pad "
@@ -110,6 +128,8 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         pixel_values = [self.transform(clip, **options) for clip in clips]
         if len({tuple(video.shape) for video in pixel_values}) == 1:
             pixel_values = torch.stack(pixel_values)
+        if options["return_tensors"] == "np":
+            pixel_values = pixel_values.numpy() if isinstance(pixel_values, torch.Tensor) else [v.numpy() for v in pixel_values]
         data = {"pixel_values_videos": pixel_values}
         if options["return_metadata"]:
             data["video_metadata"] = metadata
@@ -125,9 +145,9 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         do_sample_frames: bool | None = None,
         video_metadata: VideoMetadata | dict | list | None = None,
     ) -> tuple[list[torch.Tensor], list[PPLLaVAVideoMetadata]]:
-        """uint8 frames `(T, 3, H, W)` and metadata of every video: files decoded and sampled, arrays converted (and
-        sampled when `do_sample_frames=True`)."""
-        videos = flatten_videos(videos)
+        """uint8 frames `(T, 3, H, W)` and metadata of every video (see `canonical_videos` for the accepted nestings):
+        files decoded and sampled, frame arrays converted (and sampled when `do_sample_frames=True`)."""
+        videos = canonical_videos(videos)
         if not videos:
             raise ValueError("No videos given.")
         starts = _per_video(start_time, len(videos), "start_time")
@@ -143,7 +163,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
                 clip = to_uint8_rgb_frames(frames)
             else:
                 clip = to_uint8_rgb_frames(video)
-                meta = _array_metadata(clip, meta)
+                meta = _array_metadata(len(clip), clip.shape[-2:], meta)
                 indices = sample_frame_indices(len(clip), count, rate, meta.fps, start, end)
                 clip = clip[indices]
                 meta.frames_indices = indices
@@ -155,7 +175,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         self,
         frames: torch.Tensor,
         do_resize: bool = True,
-        size: SizeDict | None = None,
+        size: dict[str, int] | None = None,
         resize_mode: str = "squash",
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
@@ -171,13 +191,25 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         for chunk in frames.split(self.frames_per_chunk):
             chunk = chunk.float()
             if do_resize:
-                chunk = resize_frames(chunk, (size.height, size.width), resize_mode)
+                chunk = resize_frames(chunk, frame_size(size), resize_mode)
             if do_rescale:
                 chunk = chunk * rescale_factor
             if do_normalize:
                 chunk = (chunk - mean) / std
             outputs.append(chunk)
         return torch.cat(outputs)
+
+
+def frame_size(size) -> tuple[int, int]:
+    """(height, width) from a `{"height": h, "width": w}` size (as configs store it) or a square side."""
+    if isinstance(size, int):
+        return size, size
+    try:
+        return int(size["height"]), int(size["width"])
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"PPLLaVA frames are resized to an exact size: give size={{'height': h, 'width': w}} (or one int), got {size!r}."
+        ) from None
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -205,29 +237,47 @@ def _bicubic(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.clamp_(0, 255).round_()
 
 
-def flatten_videos(videos) -> list:
-    """A list of single videos (paths, `(T, ...)` arrays/tensors, or lists of frames) from any accepted nesting."""
+def canonical_videos(videos) -> list[str | np.ndarray | torch.Tensor]:
+    """One entry per video, each a file path or a `(T, ...)` array/tensor, from any accepted input.
+
+    The nesting is read as transformers' `make_batched_videos` reads it, so the count always agrees with the
+    placeholder check of `ProcessorMixin`: a path, an array or tensor (4-D: one video, 5-D: several), a list of frames
+    (PIL images or `(H, W[, C])` arrays: one video), or lists of those (a batch, or a batch of per-sample lists). Strings
+    one list deep are video files; a list of strings inside a sample's list is one video given as frame image files,
+    as chat templates pass it (`{"type": "video", "path": ["f1.jpg", "f2.jpg"]}`). Frame lists are read into arrays.
+    """
     if videos is None:
         raise ValueError("No videos given.")
+    return list(_canonical_videos(videos, depth=0))
+
+
+def _canonical_videos(videos, depth: int) -> Iterator[str | np.ndarray | torch.Tensor]:
     if isinstance(videos, (str, os.PathLike)):
-        return [videos]
-    if isinstance(videos, (np.ndarray, torch.Tensor)):
+        yield os.fspath(videos)
+    elif isinstance(videos, (np.ndarray, torch.Tensor)):
         if videos.ndim == 4:
-            return [videos]
-        if videos.ndim == 5:
-            return list(videos)
-        raise ValueError(
-            f"A video array must be (frames, height, width, channels) or (frames, channels, height, width), got shape "
-            f"{tuple(videos.shape)}. A grayscale video is (frames, height, width, 1); a single image goes in `images`."
-        )
-    if isinstance(videos, (list, tuple)):
+            yield videos
+        elif videos.ndim == 5:
+            yield from videos
+        else:
+            raise ValueError(
+                f"A video array must be (frames, height, width, channels) or (frames, channels, height, width), got "
+                f"shape {tuple(videos.shape)}. A grayscale video is (frames, height, width, 1); a single image goes in "
+                "`images`."
+            )
+    elif isinstance(videos, (list, tuple)):
         if videos and all(_is_frame(item) for item in videos):
-            return [list(videos)]
-        return [video for item in videos for video in flatten_videos(item)]
-    raise ValueError(
-        f"Unsupported video input of type {type(videos).__name__}: pass a file path, a (T, H, W, 3) uint8 array, a "
-        "(T, 3, H, W) tensor, a list of PIL images, or a list of those."
-    )
+            yield to_uint8_rgb_frames(videos)
+        elif depth == 2 and videos and all(isinstance(item, (str, os.PathLike)) for item in videos):
+            yield to_uint8_rgb_frames([Image.open(path) for path in videos])
+        else:
+            for item in videos:
+                yield from _canonical_videos(item, depth + 1)
+    else:
+        raise ValueError(
+            f"Unsupported video input of type {type(videos).__name__}: pass a file path, a (T, H, W, 3) uint8 array, a "
+            "(T, 3, H, W) tensor, a list of PIL images or frame image paths, or a list of those."
+        )
 
 
 def _is_frame(item) -> bool:
@@ -305,14 +355,14 @@ def _per_video(value, num_videos: int, name: str) -> list:
     return [value] * num_videos
 
 
-def _array_metadata(clip: torch.Tensor, metadata) -> PPLLaVAVideoMetadata:
-    """Metadata of a frame array: what the caller gave (e.g. its `fps`), completed from the frames."""
+def _array_metadata(num_frames: int, frame_size: tuple[int, int], metadata) -> PPLLaVAVideoMetadata:
+    """Metadata of frames given as an array or images: what the caller gave (e.g. its `fps`), completed from them."""
     given = dict(metadata) if isinstance(metadata, (dict, VideoMetadata)) else {}
     known = {key: value for key, value in given.items() if key in PPLLaVAVideoMetadata.__dataclass_fields__}
     known.setdefault("fps", None)
-    known.update(total_num_frames=len(clip), height=clip.shape[-2], width=clip.shape[-1])
+    known.update(total_num_frames=num_frames, height=int(frame_size[0]), width=int(frame_size[1]))
     if known["fps"]:
-        known.setdefault("duration", len(clip) / known["fps"])
+        known.setdefault("duration", num_frames / known["fps"])
     return PPLLaVAVideoMetadata(**{**known, "frames_indices": None, "frame_timestamps": None})
 
 

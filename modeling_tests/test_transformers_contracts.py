@@ -1,0 +1,136 @@
+"""The contract of every transformers internal PPLLaVA builds on (`ppllava_hf.transformers_internals_ppllava`).
+
+Each test states what PPLLaVA relies on; a failure names the transformers change to adapt to, in one place.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import SiglipTextConfig, SiglipTextModel, SiglipVisionConfig
+
+from ppllava_hf import PPLLaVAConfig, PPLLaVAVideoProcessor
+from ppllava_hf.transformers_internals_ppllava import (
+    CLIPMLP,
+    AutoVideoProcessor,
+    CLIPAttention,
+    SiglipMLP,
+    SubConfigSpec,
+    VideoProcessorMixin,
+    replace_text_embeddings,
+    slice_logits_to_keep,
+    vision_position_embeddings,
+)
+
+
+TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 50,
+        "bos_token_id": 48, "eos_token_id": 49, "pad_token_id": 1}
+VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28,
+          "patch_size": 14}
+
+
+class RecordingEmbeddings(nn.Module):
+    """Stand-in text embeddings that record how the text model calls them."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, hidden_size)
+        self.calls = []
+
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None):
+        self.calls.append({"input_ids": input_ids, "position_ids": position_ids})
+        return self.token_embedding(input_ids)
+
+
+@pytest.mark.parametrize("model_class, config_class", [(CLIPTextModel, CLIPTextConfig), (SiglipTextModel, SiglipTextConfig)])
+def test_text_models_embed_their_input_through_their_embeddings_submodule(model_class, config_class):
+    model = model_class(config_class(**TEXT)).eval()
+    embeddings = RecordingEmbeddings(TEXT["vocab_size"], TEXT["hidden_size"])
+    replace_text_embeddings(model, embeddings)
+    input_ids = torch.tensor([[3, 4, 5, 49]])
+
+    with torch.no_grad():
+        first = model(input_ids=input_ids).pooler_output
+        embeddings.token_embedding.weight.add_(torch.randn_like(embeddings.token_embedding.weight))
+        second = model(input_ids=input_ids).pooler_output
+
+    assert len(embeddings.calls) == 2, (
+        f"{model_class.__name__}.forward no longer calls `self.embeddings(input_ids=..., position_ids=...)` once: "
+        "PPLLaVA's extended position tables (replace_text_embeddings) are not used"
+    )
+    assert torch.equal(embeddings.calls[0]["input_ids"], input_ids)
+    assert not torch.allclose(first, second), "the text model's output no longer depends on its embeddings submodule"
+    assert model.get_input_embeddings() is embeddings.token_embedding
+
+
+def test_replacing_the_embeddings_of_a_model_without_them_names_the_change():
+    with pytest.raises(TypeError, match="changed the layout of its text models"):
+        replace_text_embeddings(nn.Linear(2, 2), RecordingEmbeddings(5, 2))
+
+
+def test_clip_vision_position_table_is_what_the_embeddings_add():
+    """The BT-Adapter adds CLIP's vision position table to its branch tokens, as the original does."""
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    table = vision_position_embeddings(tower)
+
+    with torch.no_grad():
+        with_table = tower.embeddings(pixels)
+        table_copy = table.clone()
+        table.zero_()
+        without_table = tower.embeddings(pixels)
+        table.copy_(table_copy)
+
+    assert table.shape == (1 + 4, VISION["hidden_size"])
+    torch.testing.assert_close(with_table - without_table, table_copy.expand_as(with_table))
+
+
+def test_clip_attention_and_mlp_blocks_keep_their_call_signature():
+    """The BT-Adapter's layers are CLIP's attention and MLP: hidden states in, hidden states (and weights) out."""
+    config = CLIPVisionConfig(**VISION)
+    config._attn_implementation = "sdpa"
+    hidden = torch.randn(3, 5, VISION["hidden_size"])
+    attended, weights = CLIPAttention(config)(hidden)
+    assert attended.shape == hidden.shape
+    assert CLIPMLP(config)(hidden).shape == hidden.shape
+    assert {name for name, _ in CLIPAttention(config).named_parameters()} >= {"q_proj.weight", "k_proj.weight",
+                                                                                 "v_proj.weight", "out_proj.weight"}
+
+
+def test_siglip_mlp_keeps_its_call_signature():
+    config = SiglipVisionConfig(**VISION)
+    hidden = torch.randn(3, 5, VISION["hidden_size"])
+    assert SiglipMLP(config)(hidden).shape == hidden.shape
+    assert {name for name, _ in SiglipMLP(config).named_parameters()} == {"fc1.weight", "fc1.bias", "fc2.weight",
+                                                                            "fc2.bias"}
+
+
+def test_sub_config_specs_build_the_declared_sub_configs():
+    spec = PPLLaVAConfig.sub_configs_defaults["prompt_encoder_config"]
+    assert isinstance(spec, SubConfigSpec) and spec.model_type == "clip_text_model"
+    config = PPLLaVAConfig(text_config={"model_type": "qwen2", **{k: v for k, v in TEXT.items()}, "num_key_value_heads": 2})
+    assert config.text_config.model_type == "qwen2"
+    assert config.prompt_encoder_config.max_position_embeddings == 248  # from the spec's init_kwargs
+    assert set(PPLLaVAConfig.sub_configs) == {"vision_config", "text_config", "prompt_encoder_config"}
+    assert type(config.vision_config) is type(AutoConfig.for_model("clip_vision_model"))
+
+
+def test_slice_logits_to_keep_keeps_the_last_positions_or_the_given_ones():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    torch.testing.assert_close(slice_logits_to_keep(hidden, 0), hidden)
+    torch.testing.assert_close(slice_logits_to_keep(hidden, 2), hidden[:, -2:])
+    torch.testing.assert_close(slice_logits_to_keep(hidden, torch.tensor([0, 3])), hidden[:, [0, 3]])
+
+
+def test_video_processor_mixin_sets_settings_as_attributes_and_calls_preprocess():
+    """PPLLaVA's video processor relies on the mixin's `__init__` storing every setting and `__call__` -> `preprocess`."""
+    processor = PPLLaVAVideoProcessor(num_frames=3, size={"height": 28, "width": 28})
+    assert isinstance(processor, VideoProcessorMixin)
+    assert processor.num_frames == 3 and processor.frame_size == (28, 28)
+    video = np.random.default_rng(0).integers(0, 255, (5, 20, 24, 3), dtype=np.uint8)
+    assert processor(video, do_sample_frames=True)["pixel_values_videos"].shape == (1, 3, 3, 28, 28)
+
+
+def test_auto_video_processor_takes_registrations():
+    assert callable(AutoVideoProcessor.register) and callable(AutoVideoProcessor.from_pretrained)
