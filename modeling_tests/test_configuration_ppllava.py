@@ -107,3 +107,13 @@ def test_the_tested_range_starts_at_the_declared_minimum_with_no_upper_bound():
     setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
     requirement = next(line.strip() for line in setup.splitlines() if line.strip().startswith("transformers"))
     assert requirement == f"transformers>={TESTED_TRANSFORMERS[0]}"
+
+
+def test_the_prompt_encoder_config_of_a_saved_folder_is_its_prompt_encoder_config(tmp_path):
+    """transformers' CLIP/SigLIP text configs look up a folder's `text_config` (here the LLM's); PPLLaVA's prompt
+    encoder config is `PPLLaVAConfig.from_pretrained(folder).prompt_encoder_config`, as the README says."""
+    config = tiny_config("vicuna")
+    config.save_pretrained(tmp_path)
+    loaded = PPLLaVAConfig.from_pretrained(tmp_path).prompt_encoder_config
+    assert loaded.model_type == "clip_text_model"
+    assert loaded.to_dict() == config.prompt_encoder_config.to_dict()

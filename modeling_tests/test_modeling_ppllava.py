@@ -5,6 +5,7 @@
 
 import copy
 import inspect
+import math
 
 import pytest
 import torch
@@ -73,6 +74,65 @@ def test_image_tokens_are_the_anyres_layout_with_newlines(tester):
     newline = tester.model.model.image_newline
     torch.testing.assert_close(tokens[8], newline)
     torch.testing.assert_close(tokens[13], newline)
+
+
+def test_video_features_follow_the_llava_output_contract(tester):
+    """Pooled tokens per video in `pooler_output`; the selected features of every frame in `last_hidden_state`; the
+    vision tower's own hidden states and attentions when asked (argument or config); all plain tensors."""
+    model = tester.fresh_model(attn_implementation="eager")
+    videos = [tester.video(4), tester.video(6)]
+    prompts = torch.stack([tester.prompt()[0], tester.prompt()[0]])
+    vision = tester.config.vision_config
+
+    plain = model.get_video_features(videos, clip_input_ids=prompts)
+    full = model.get_video_features(videos, clip_input_ids=prompts, output_hidden_states=True, output_attentions=True)
+    model.config.output_hidden_states = True
+    from_config = model.get_video_features(videos, clip_input_ids=prompts)
+
+    patches = tester.config.patch_grid[0] * tester.config.patch_grid[1]
+    assert [tokens.shape for tokens in plain.pooler_output] == [
+        (model.model.video_pooling_plan(frames).num_tokens, tester.config.text_config.hidden_size) for frames in (4, 6)
+    ]
+    assert plain.last_hidden_state.shape == (10, patches, vision.hidden_size)
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(full.hidden_states) == len(from_config.hidden_states) == vision.num_hidden_layers + 1
+    assert len(full.attentions) == vision.num_hidden_layers
+    assert full.hidden_states[0].shape[0] == full.attentions[0].shape[0] == 10
+    torch.testing.assert_close(full.pooler_output, plain.pooler_output)
+    assert all(isinstance(value, (torch.Tensor, list, tuple)) for value in full.to_tuple())
+
+
+def test_the_projector_and_the_vision_tower_export_with_torch_export(tester):
+    """Every submodule of the visual path takes tensors and plain config, so exporters can trace it."""
+    model = tester.model.model
+    patches = torch.randn(1, 4, 6, 6, tester.config.vision_config.hidden_size)
+    relevance = torch.softmax(torch.randn(1, 4 * 6 * 6), -1).view(1, 4, 6, 6)
+    pixels = tester.video(2)
+
+    projector = torch.export.export(model.multi_modal_projector, (patches, relevance, (2, 3, 3), (2, 3, 3)))
+    tower = torch.export.export(model.vision_tower, (pixels,), {"output_hidden_states": True})
+
+    torch.testing.assert_close(
+        projector.module()(patches, relevance, (2, 3, 3), (2, 3, 3)),
+        model.multi_modal_projector(patches, relevance, (2, 3, 3), (2, 3, 3)),
+    )
+    torch.testing.assert_close(
+        tower.module()(pixels, output_hidden_states=True).hidden_states[-2],
+        model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2],
+    )
+
+
+def test_alignment_buffers_start_at_the_values_init_weights_gives_them(tester):
+    """A load that skips initialisation (or misses the buffers) still scores with the CLIP/SigLIP temperature."""
+    alignment = type(tester.model.model.prompt_alignment)(tester.config)
+    initial = {name: buffer.clone() for name, buffer in alignment.named_buffers() if name.startswith("logit_")}
+    tester.model._init_weights(alignment)
+    expected_scale = math.log(10.0) if tester.layout == "qwen" else math.log(1 / 0.07)
+    assert float(initial["logit_scale"]) == pytest.approx(expected_scale)
+    if tester.layout == "qwen":
+        assert float(initial["logit_bias"]) == -10.0
+    for name, value in initial.items():
+        torch.testing.assert_close(getattr(alignment, name), value)
 
 
 def test_loss_with_labels_ignores_minus_100(tester):

@@ -127,6 +127,38 @@ def test_generation_from_a_left_padded_batch_with_different_videos_per_sample(cl
     assert output.shape == (2, inputs["input_ids"].shape[1] + 3)
 
 
+def test_a_video_given_as_frame_image_files_in_a_chat_is_one_video(tmp_path):
+    """As transformers' chat-template tests pass it: `{"type": "video", "path": [frame files]}`."""
+    paths = []
+    for index, frame in enumerate(frames(5)):
+        paths.append(str(tmp_path / f"frame{index}.png"))
+        Image.fromarray(frame).save(paths[-1])
+    processor = tiny_processor("vicuna")
+    messages = [{"role": "user", "content": [{"type": "video", "path": paths}, {"type": "text", "text": "What happens?"}]}]
+
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    from_arrays = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), videos=[frames(5)],
+                            pooling_prompt="What happens?")
+
+    assert inputs["pixel_values_videos"].shape == (1, 5, 3, 84, 84)
+    torch.testing.assert_close(inputs["pixel_values_videos"], from_arrays["pixel_values_videos"])
+    assert (inputs["input_ids"] == processor.video_token_id).sum() == processor.num_video_tokens(5)
+
+
+@pytest.mark.parametrize("return_tensors, array_type", [("pt", torch.Tensor), ("np", np.ndarray)])
+def test_every_output_has_the_requested_tensor_type(return_tensors, array_type, clips):
+    processor = tiny_processor("vicuna")
+    same_length = processor(text="USER: <video>\nWhat? ASSISTANT: ", videos=clips["mp4"], return_tensors=return_tensors)
+    mixed = processor(text="USER: <video><video><image>\nWhat? ASSISTANT: ", videos=[clips["mp4"], frames(2)],
+                      images=Image.new("RGB", (120, 60)), return_tensors=return_tensors)
+    for name in ("input_ids", "attention_mask", "clip_input_ids", "clip_attention_mask", "pixel_values_videos"):
+        assert isinstance(same_length[name], array_type), name
+    assert isinstance(mixed["pixel_values_videos"], list)  # different frame counts: one array per video
+    assert all(isinstance(video, array_type) for video in mixed["pixel_values_videos"])
+    for name in ("input_ids", "clip_input_ids", "pixel_values", "image_sizes"):
+        assert isinstance(mixed[name], array_type), name
+
+
 def test_padding_side_is_configurable_per_call():
     processor = tiny_processor("qwen")
     inputs = processor(text=["a <video>", "a much longer prompt with a <video> inside"], videos=[frames(2), frames(2)],
