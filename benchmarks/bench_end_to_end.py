@@ -10,14 +10,31 @@ vision tower 8 frames at a time (`vision_chunk_frames`, same numbers); LLaVA-NeX
 """
 
 import torch
-
 from measure import (
-    benchmark_arguments, describe_machine, interleave, median_generation, mib, module_bytes, peak_memory, print_table,
-    ratio, report_target, setup, timed_generate,
+    benchmark_arguments,
+    describe_machine,
+    interleave,
+    median_generation,
+    mib,
+    module_bytes,
+    peak_memory,
+    print_table,
+    ratio,
+    report_target,
+    setup,
+    timed_generate,
 )
 from scaled_models import (
-    Scale, add_model_arguments, build_llava_next_video, build_ppllava, count_video_tokens, llava_next_video_inputs,
-    model_dtype, on_device, ppllava_inputs, random_video,
+    Scale,
+    add_model_arguments,
+    build_llava_next_video,
+    build_ppllava,
+    count_video_tokens,
+    llava_next_video_inputs,
+    model_dtype,
+    on_device,
+    ppllava_inputs,
+    random_video,
 )
 
 

@@ -10,13 +10,28 @@ The decoded frames are inputs, resident before each run: their size is reported 
 """
 
 import torch
-
 from measure import (
-    benchmark_arguments, describe_machine, median_generation, mib, peak_memory, print_table, ratio,
-    report_target, setup, tensor_bytes, timed_generate,
+    benchmark_arguments,
+    describe_machine,
+    median_generation,
+    mib,
+    peak_memory,
+    print_table,
+    ratio,
+    report_target,
+    setup,
+    tensor_bytes,
+    timed_generate,
 )
 from scaled_models import (
-    Scale, add_model_arguments, build_ppllava, count_video_tokens, model_dtype, on_device, ppllava_inputs, random_video,
+    Scale,
+    add_model_arguments,
+    build_ppllava,
+    count_video_tokens,
+    model_dtype,
+    on_device,
+    ppllava_inputs,
+    random_video,
 )
 
 

@@ -9,11 +9,20 @@ in float32 and bfloat16. `avg_pool3d` does less work (no weights) and gets its o
 
 import torch
 import torch.nn.functional as F
-
 from measure import (
-    benchmark_arguments, describe_machine, mib, peak_memory, print_table, ratio, report_target, setup, time_interleaved,
+    benchmark_arguments,
+    describe_machine,
+    mib,
+    peak_memory,
+    print_table,
+    ratio,
+    report_target,
+    setup,
+    time_interleaved,
 )
-from ppllava_hf.pooling_ppllava import PoolingPlan, plan_pooling, prompt_guided_pool
+
+from ppllava_hf.models.ppllava.modeling_ppllava import prompt_guided_pool
+from ppllava_hf.models.ppllava.token_counts_ppllava import PoolingPlan, plan_pooling
 
 
 TEMPERATURE = 0.01

@@ -20,8 +20,6 @@ import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ppllava_cli import (
     EMBEDDED_DEFAULT_NOTE,
     LoadedModel,
@@ -31,6 +29,7 @@ from ppllava_cli import (
     load_model,
     video_question_prompt,
 )
+from tqdm import tqdm
 
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"}

@@ -20,9 +20,9 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import ppllava_hf  # noqa: F401  (registers PPLLaVA with the Auto classes)
-from ppllava_hf.building_ppllava import build_ppllava_from_backbones, build_ppllava_processor
-from ppllava_hf.freezing_ppllava import FREEZING_PRESETS, apply_freezing_preset
-from ppllava_hf.tiny_ppllava import tiny_backbones, tiny_prompt_tokenizer, tiny_tokenizer
+from ppllava_hf.conversion.building import build_ppllava_from_backbones, build_ppllava_processor
+from ppllava_hf.testing.tiny import tiny_backbones, tiny_prompt_tokenizer, tiny_tokenizer
+from ppllava_hf.training.freezing import FREEZING_PRESETS, apply_freezing_preset
 
 
 def parse_args() -> argparse.Namespace:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from ppllava_cli import EMBEDDED_DEFAULT_NOTE, LoadedModel, add_model_arguments, load_model
 from transformers import TextStreamer
 
-from ppllava_cli import EMBEDDED_DEFAULT_NOTE, LoadedModel, add_model_arguments, load_model
 from ppllava_hf import decode_video
-from ppllava_hf.embedded_default_ppllava import write_sample_video
+from ppllava_hf.testing.embedded_default import write_sample_video
 
 
 class VisualChat:

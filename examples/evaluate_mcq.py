@@ -25,9 +25,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ppllava_cli import (
+    EMBEDDED_DEFAULT_NOTE,
+    LoadedModel,
+    add_model_arguments,
+    answer_batch,
+    decode_or_error,
+    load_model,
+)
 from tqdm import tqdm
-
-from ppllava_cli import EMBEDDED_DEFAULT_NOTE, LoadedModel, add_model_arguments, answer_batch, decode_or_error, load_model
 
 
 MVBENCH_SYSTEM = (

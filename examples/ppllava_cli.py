@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 # Importing ppllava_hf registers PPLLaVA with the Auto classes.
 from ppllava_hf import PPLLaVAForConditionalGeneration, PPLLaVAProcessor, decode_video
-from ppllava_hf.embedded_default_ppllava import build_embedded_default
+from ppllava_hf.testing.embedded_default import build_embedded_default
 
 
 EMBEDDED_DEFAULT_NOTE = (

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from ppllava_cli import EMBEDDED_DEFAULT_NOTE, add_model_arguments, load_model
-from ppllava_hf.embedded_default_ppllava import BALL_ENTERS, BALL_LEAVES, SAMPLE_QUESTION, write_sample_video
-from ppllava_hf.relevance_ppllava import VideoRelevance, known_timestamps, model_view_frames
+
+from ppllava_hf.relevance import VideoRelevance, known_timestamps, model_view_frames
+from ppllava_hf.testing.embedded_default import BALL_ENTERS, BALL_LEAVES, SAMPLE_QUESTION, write_sample_video
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

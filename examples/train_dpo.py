@@ -26,8 +26,8 @@ zero1-3, fsdp1-2), e.g. `accelerate launch --config_file <trl>/accelerate_config
 
 from trl import DPOConfig
 
-from ppllava_hf.dpo_ppllava import PPLLaVADPOTrainer
-from ppllava_hf.training_ppllava import run_training_script
+from ppllava_hf.training.common import run_training_script
+from ppllava_hf.training.dpo import PPLLaVADPOTrainer
 
 
 RECIPE = dict(

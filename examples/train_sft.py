@@ -6,7 +6,7 @@ vision tower learning, its BT-Adapter included (--freezing_preset sft; the CLIP 
 original runs it without gradient).
 
     # The recipe on a PPLLaVA built from its backbones (examples/build_from_backbones.py) and a JSONL of conversations
-    # ({"messages": [...], "video": "clips/0001.mp4"}, see ppllava_hf.sft_ppllava):
+    # ({"messages": [...], "video": "clips/0001.mp4"}, see ppllava_hf.training.sft):
     accelerate launch examples/train_sft.py --model_name_or_path ppllava-vicuna-7b-untrained --dtype bfloat16 \\
         --dataset_path video_sft.jsonl --media_folder videos --output_dir ppllava-vicuna-7b-sft \\
         --per_device_train_batch_size 8 --gradient_accumulation_steps 2
@@ -27,8 +27,8 @@ zero1-3, fsdp1-2), e.g. `accelerate launch --config_file <trl>/accelerate_config
 
 from trl import SFTConfig
 
-from ppllava_hf.sft_ppllava import PPLLaVASFTTrainer
-from ppllava_hf.training_ppllava import run_training_script
+from ppllava_hf.training.common import run_training_script
+from ppllava_hf.training.sft import PPLLaVASFTTrainer
 
 
 RECIPE = dict(

@@ -5,9 +5,8 @@ import copy
 import torch
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
-from ppllava_hf.anyres_ppllava import num_anyres_tiles
-from ppllava_hf.tiny_ppllava import tiny_config
-
+from ppllava_hf.models.ppllava.token_counts_ppllava import num_anyres_tiles
+from ppllava_hf.testing.tiny import tiny_config
 
 
 def record_calls(module, measure):

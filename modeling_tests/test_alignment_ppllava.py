@@ -4,13 +4,13 @@ import pytest
 import torch
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
-from ppllava_hf.alignment_ppllava import (
+from ppllava_hf.models.ppllava.modeling_ppllava import (
     PPLLaVAExtendedTextEmbeddings,
     PPLLaVASiglipPatchHead,
     PPLLaVAVisionPromptAlignment,
     stretch_position_embeddings,
 )
-from ppllava_hf.tiny_ppllava import tiny_config
+from ppllava_hf.testing.tiny import tiny_config
 
 
 def stretched_by_definition(table: torch.Tensor, keep: int = 20) -> torch.Tensor:

@@ -5,11 +5,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from video_test_files import write_video
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
-from ppllava_hf.chat_template_ppllava import CHATML_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE, default_chat_template
-from ppllava_hf.tiny_ppllava import tiny_config, tiny_processor
-from video_test_files import write_video
+from ppllava_hf.models.ppllava.processing_ppllava import (
+    CHATML_CHAT_TEMPLATE,
+    VICUNA_V1_CHAT_TEMPLATE,
+    default_chat_template,
+)
+from ppllava_hf.testing.tiny import tiny_config, tiny_processor
 
 
 def user(text, *media):

@@ -8,8 +8,8 @@ from transformers import AutoConfig
 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAConfig
-from ppllava_hf.configuration_ppllava import TESTED_TRANSFORMERS, warn_if_untested_transformers
-from ppllava_hf.tiny_ppllava import tiny_config
+from ppllava_hf.models.ppllava.configuration_ppllava import TESTED_TRANSFORMERS, warn_if_untested_transformers
+from ppllava_hf.testing.tiny import tiny_config
 
 
 def without_origin(config_dict: dict) -> dict:

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from original_format import FIXTURE, qwen_layout, vicuna_layout, write_original_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from original_format import FIXTURE, qwen_layout, vicuna_layout, write_original_checkpoint
 from ppllava_hf import PPLLaVAForConditionalGeneration
-from ppllava_hf.checkpoint_conversion_ppllava import convert_checkpoint
-from ppllava_hf.conversion_ppllava import ConversionError, convert_config, expected_state
-from ppllava_hf.verification_ppllava import inputs_for_case, load_reference_cases, verify_against_reference
+from ppllava_hf.conversion.convert import convert_checkpoint
+from ppllava_hf.conversion.rules import ConversionError, convert_config, expected_state
+from ppllava_hf.conversion.verification import inputs_for_case, load_reference_cases, verify_against_reference
 
 
 CHECKPOINT = FIXTURE / "checkpoint"
@@ -331,7 +331,7 @@ _MEMORY_PROBE = textwrap.dedent(
     """
     import json, os, sys
     from safetensors.torch import save_file
-    from ppllava_hf.conversion_ppllava import (
+    from ppllava_hf.conversion.rules import (
         ShardPlan, convert_config, convert_key, convert_tensor, convert_weights, iter_original_tensors,
     )
     from original_format import vicuna_layout

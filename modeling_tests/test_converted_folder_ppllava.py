@@ -10,7 +10,6 @@ import site
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,31 +17,22 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from original_format import FIXTURE, vicuna_layout, write_original_checkpoint
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import AutoModelForImageTextToText, AutoProcessor, TokenizersBackend
 
-from original_format import FIXTURE, vicuna_layout, write_original_checkpoint
-from ppllava_hf import checkpoint_conversion_ppllava, original_checkpoint_ppllava, remote_code_ppllava
-from ppllava_hf.checkpoint_conversion_ppllava import convert_checkpoint
-from ppllava_hf.conversion_ppllava import ConversionError
-from ppllava_hf.model_card_ppllava import usage_snippet
-from ppllava_hf.original_checkpoint_ppllava import OriginalCheckpoint
-from ppllava_hf.tiny_ppllava import tiny_config, tiny_prompt_tokenizer, tiny_tokenizer
+from ppllava_hf.conversion import convert, original_checkpoint, remote_code
+from ppllava_hf.conversion.convert import convert_checkpoint
+from ppllava_hf.conversion.model_card import usage_snippet
+from ppllava_hf.conversion.original_checkpoint import OriginalCheckpoint
+from ppllava_hf.conversion.rules import ConversionError
+from ppllava_hf.testing.tiny import tiny_prompt_tokenizer, tiny_tokenizer
 
 
 CHECKPOINT = FIXTURE / "checkpoint"
 PUBLISHED_FOLDER = "farewellthree/ppllava_weight/ppllava_vicuna7b_image_video"
-REMOTE_CODE_FILES = [
-    "alignment_ppllava.py",
-    "anyres_ppllava.py",
-    "btadapter_ppllava.py",
-    "configuration_ppllava.py",
-    "modeling_ppllava.py",
-    "pooling_ppllava.py",
-    "transformers_internals_ppllava.py",
-]
 
 
 def _python_block(markdown: str) -> str:
@@ -112,8 +102,11 @@ def test_model_card_snippet_uses_the_processor_when_there_is_one():
 # Remote code
 
 
-def test_remote_code_folder_carries_the_modeling_modules_and_auto_map(remote_code_folder):
-    assert sorted(path.name for path in remote_code_folder.glob("*.py")) == REMOTE_CODE_FILES
+def test_remote_code_folder_carries_the_model_folder_and_auto_map(remote_code_folder):
+    """The exported code is the model folder `ppllava_hf/models/ppllava/`, file for file and byte for byte."""
+    payload = {path.name: path.read_bytes() for path in remote_code.PAYLOAD_FOLDER.glob("*.py")}
+    assert {path.name: path.read_bytes() for path in remote_code_folder.glob("*.py")} == payload
+    assert {"configuration_ppllava.py", "modeling_ppllava.py", "processing_ppllava.py"} <= set(payload)
     auto_map = json.loads((remote_code_folder / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_ppllava.PPLLaVAConfig",
@@ -213,23 +206,24 @@ def test_the_isolated_interpreter_really_lacks_ppllava_hf(tmp_path):
     assert run.returncode != 0 and "No module named 'ppllava_hf'" in run.stderr
 
 
+def test_the_model_folder_imports_nothing_outside_itself():
+    remote_code.check_self_contained(remote_code.payload_files())
+
+
 @pytest.mark.parametrize(
     "line, problem",
     [
-        ("from ppllava_hf.pooling_ppllava import PoolingPlan", "imports ppllava_hf absolutely"),
-        ("from . import pooling_ppllava", "is not a flat `from .module import ...`"),
+        ("from ppllava_hf.models.ppllava.token_counts_ppllava import PoolingPlan", "imports ppllava_hf absolutely"),
+        ("import ppllava_hf", "imports ppllava_hf absolutely"),
+        ("from . import token_counts_ppllava", "is not a flat `from .module import ...`"),
+        ("from ..conversion import rules", "is not a flat `from .module import ...`"),
+        ("from .relevance import video_relevance", "imports .relevance, which is not in the folder"),
     ],
 )
-def test_remote_code_refuses_modules_that_would_not_load_without_the_package(tmp_path, monkeypatch, line, problem):
+def test_remote_code_refuses_modules_that_would_not_load_without_the_package(tmp_path, line, problem):
     (tmp_path / "modeling_bad.py").write_text(f"{line}\n\n\nclass Bad:\n    pass\n")
-    module = types.ModuleType("modeling_bad")
-    module.__file__ = str(tmp_path / "modeling_bad.py")
-    monkeypatch.setitem(sys.modules, "modeling_bad", module)
-    bad = type("Bad", (), {"__module__": "modeling_bad"})
-    monkeypatch.setattr(remote_code_ppllava, "REMOTE_CODE_CLASSES", {"AutoModel": bad})
-    (tmp_path / "out").mkdir()
     with pytest.raises(RuntimeError, match=re.escape(problem)):
-        remote_code_ppllava.save_remote_code(str(tmp_path / "out"), tiny_config())
+        remote_code.check_self_contained([tmp_path / "modeling_bad.py"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,8 +245,8 @@ def fake_hub(monkeypatch, tmp_path):
         calls.append(("hf_hub_download", repo_id, filename))
         return str(CHECKPOINT / "clip" / filename)
 
-    monkeypatch.setattr(original_checkpoint_ppllava, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(original_checkpoint_ppllava, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(original_checkpoint, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(original_checkpoint, "hf_hub_download", hf_hub_download)
     return calls
 
 
@@ -304,7 +298,7 @@ def test_cli_converts_verifies_and_pushes(fake_hub, monkeypatch, tmp_path, capsy
             pushed.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
             return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
-    monkeypatch.setattr(checkpoint_conversion_ppllava, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(convert, "HfApi", RecordingHfApi)
     output = tmp_path / "converted"
     arguments = ["--input", PUBLISHED_FOLDER, "--output", str(output), "--reference-outputs", str(FIXTURE)]
     arguments += ["--remote-code", "--push-to-hub", "user/ppllava-tiny"]
@@ -422,3 +416,22 @@ def test_remote_code_processor_loads_and_feeds_the_model_without_ppllava_hf(fold
     assert result["processor_class"].endswith("processing_ppllava.PPLLaVAProcessor")
     assert result["video_processor_class"] == "PPLLaVAVideoProcessor"
     assert result["new_tokens"] == 3
+
+
+def test_a_folder_written_before_the_layout_change_loads_and_gives_its_recorded_outputs():
+    """A remote-code folder converted by the flat-layout package (see fixtures/previous_layout_remote_code/FIXTURE.md)
+    loads with today's package classes and reproduces what that code computed."""
+    folder = Path(__file__).parent / "fixtures" / "previous_layout_remote_code"
+    reference = load_file(folder / "reference_outputs.safetensors")
+    frames = np.random.default_rng(0).integers(0, 256, (4, 40, 50, 3), dtype=np.uint8)
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    inputs = processor(text="USER: <video>\nWhat happens in the video? ASSISTANT: ", videos=[frames])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+
+    assert type(model).__module__.startswith("ppllava_hf.") and type(processor).__module__.startswith("ppllava_hf.")
+    for key in ("input_ids", "attention_mask", "pixel_values_videos", "clip_input_ids", "clip_attention_mask"):
+        torch.testing.assert_close(inputs[key], reference[key], msg=key)
+    torch.testing.assert_close(logits, reference["logits"], atol=1e-5, rtol=1e-5)

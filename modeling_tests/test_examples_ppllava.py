@@ -16,8 +16,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from ppllava_hf import PPLLaVAForConditionalGeneration, PPLLaVAModel, PPLLaVAProcessor
-from ppllava_hf.embedded_default_ppllava import build_embedded_default
-from ppllava_hf.relevance_ppllava import relevance_grid_size
+from ppllava_hf.relevance import relevance_grid_size
+from ppllava_hf.testing.embedded_default import build_embedded_default
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
-from ppllava_hf.freezing_ppllava import (
+from ppllava_hf.testing.tiny import tiny_config
+from ppllava_hf.training.freezing import (
     PARAMETER_GROUPS,
     apply_freezing_preset,
     parameter_groups,
     trainable_parameter_table,
 )
-from ppllava_hf.tiny_ppllava import tiny_config
 
 
 LAYOUTS = ["vicuna", "qwen"]

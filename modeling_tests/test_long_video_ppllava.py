@@ -3,11 +3,11 @@ stage sees more frames at once than configured."""
 
 import pytest
 import torch
+from model_tester import record_calls
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
-from ppllava_hf.btadapter_ppllava import btadapter_chunk_sizes
-from ppllava_hf.tiny_ppllava import tiny_config
-from model_tester import record_calls
+from ppllava_hf.models.ppllava.modeling_ppllava import btadapter_chunk_sizes
+from ppllava_hf.testing.tiny import tiny_config
 
 
 PROMPT = torch.tensor([[5, 6, 7, 8]])
@@ -195,7 +195,7 @@ def test_no_stage_sees_more_frames_than_the_chunk(layout, max_visual_tokens):
         hooks.append(adapter_hook)
 
     with torch.no_grad():
-        output = model.get_video_features([random_video(23)], clip_input_ids=PROMPT)
+        model.get_video_features([random_video(23)], clip_input_ids=PROMPT)
     for hook in hooks:
         hook.remove()
 

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from model_tester import PPLLaVAModelTester, record_calls, record_pooling_windows
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, StaticCache
 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAConfig, PPLLaVAForConditionalGeneration, PPLLaVAModel
-from model_tester import PPLLaVAModelTester, record_calls, record_pooling_windows
 
 
 LAYOUTS = ["vicuna", "qwen"]

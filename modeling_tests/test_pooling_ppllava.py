@@ -5,8 +5,9 @@ import itertools
 import pytest
 import torch
 
-from ppllava_hf import pooling_ppllava
-from ppllava_hf.pooling_ppllava import plan_pooling, prompt_guided_pool
+from ppllava_hf.models.ppllava import modeling_ppllava
+from ppllava_hf.models.ppllava.modeling_ppllava import prompt_guided_pool
+from ppllava_hf.models.ppllava.token_counts_ppllava import plan_pooling
 
 
 TEMPERATURE = 0.01
@@ -90,7 +91,7 @@ def test_cache_blocks_do_not_change_the_result(monkeypatch, dtype):
     plan = plan_pooling((9, 8, 7), kernel=(3, 3, 2), stride=(2, 2, 1))
     whole = prompt_guided_pool(features, relevance, plan, TEMPERATURE)
 
-    monkeypatch.setattr(pooling_ppllava, "_CPU_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(modeling_ppllava, "_CPU_BLOCK_ELEMENTS", 1)
     blocked = prompt_guided_pool(features, relevance, plan, TEMPERATURE)
 
     torch.testing.assert_close(blocked, whole, rtol=0, atol=0)

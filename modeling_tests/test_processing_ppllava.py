@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
+from video_test_files import write_video
 
 from ppllava_hf import (
     PPLLaVAConfig,
@@ -18,8 +19,7 @@ from ppllava_hf import (
     VideoDecodingError,
     sample_frame_indices,
 )
-from ppllava_hf.tiny_ppllava import tiny_config, tiny_processor, tiny_prompt_tokenizer, tiny_tokenizer
-from video_test_files import write_video
+from ppllava_hf.testing.tiny import tiny_config, tiny_processor, tiny_prompt_tokenizer, tiny_tokenizer
 
 
 LAYOUTS = ["vicuna", "qwen"]

@@ -6,15 +6,7 @@ import torch
 from PIL import Image
 
 from ppllava_hf import sample_frame_indices
-from ppllava_hf.embedded_default_ppllava import (
-    BALL_ENTERS,
-    BALL_LEAVES,
-    SAMPLE_QUESTION,
-    build_embedded_default,
-    sample_frame,
-    write_sample_video,
-)
-from ppllava_hf.relevance_ppllava import (
+from ppllava_hf.relevance import (
     TimeRange,
     frame_spans,
     frame_weights,
@@ -24,6 +16,14 @@ from ppllava_hf.relevance_ppllava import (
     save_relevance_timeline,
     top_time_ranges,
     video_relevance,
+)
+from ppllava_hf.testing.embedded_default import (
+    BALL_ENTERS,
+    BALL_LEAVES,
+    SAMPLE_QUESTION,
+    build_embedded_default,
+    sample_frame,
+    write_sample_video,
 )
 
 

@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoTokenizer, CLIPTokenizer, LlamaTokenizer, Qwen2Tokenizer
 
-from ppllava_hf import tiny_ppllava
-from ppllava_hf.tiny_ppllava import tiny_config, tiny_processor, tiny_prompt_tokenizer, tiny_tokenizer
+from ppllava_hf.testing import tiny
+from ppllava_hf.testing.tiny import tiny_config, tiny_processor, tiny_prompt_tokenizer, tiny_tokenizer
 
 
 @pytest.mark.parametrize("layout, cls", [("vicuna", LlamaTokenizer), ("qwen", Qwen2Tokenizer)])
@@ -57,8 +57,8 @@ def test_siglip_like_prompt_tokenizer_ends_and_pads_with_its_highest_id():
 @pytest.mark.parametrize("layout", ["vicuna", "qwen"])
 def test_training_is_deterministic(layout):
     first = tiny_tokenizer(layout).get_vocab(), tiny_prompt_tokenizer(layout).get_vocab()
-    tiny_ppllava._train_llm_bpe.cache_clear()
-    tiny_ppllava._train_prompt_bpe.cache_clear()
+    tiny._train_llm_bpe.cache_clear()
+    tiny._train_prompt_bpe.cache_clear()
     assert (tiny_tokenizer(layout).get_vocab(), tiny_prompt_tokenizer(layout).get_vocab()) == first
 
 

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from model_tester import record_pooling_windows
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
-from ppllava_hf.pooling_ppllava import fit_temporal_windows, plan_video_pooling
-from ppllava_hf.tiny_ppllava import tiny_config
-from model_tester import record_pooling_windows
+from ppllava_hf.models.ppllava.token_counts_ppllava import fit_temporal_windows, plan_video_pooling
+from ppllava_hf.testing.tiny import tiny_config
 
 
 GRID = (24, 24)

@@ -9,14 +9,25 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from trl import DPOConfig
-
-from ppllava_hf.dpo_ppllava import PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, check_preference_row, render_preference
-from ppllava_hf.sft_ppllava import PPLLaVASFTCollator, check_conversation_row, conversation_with_media
-from ppllava_hf.tiny_datasets_ppllava import QUESTION, color_frames, tiny_preference_rows, tiny_sft_rows, write_color_videos
-from ppllava_hf.training_data_ppllava import BadRowError, check_rows, token_count, visual_tokens_added
 from training_tester import NUM_FRAMES, cpu_args, single_threaded, tiny_model_and_processor  # noqa: F401
+from trl import DPOConfig
 from video_test_files import write_video
+
+from ppllava_hf.testing.tiny_training_data import (
+    QUESTION,
+    color_frames,
+    tiny_preference_rows,
+    tiny_sft_rows,
+    write_color_videos,
+)
+from ppllava_hf.training.dpo import (
+    PPLLaVADPOTrainer,
+    PPLLaVAPreferenceCollator,
+    check_preference_row,
+    render_preference,
+)
+from ppllava_hf.training.rows import BadRowError, check_rows, token_count, visual_tokens_added
+from ppllava_hf.training.sft import PPLLaVASFTCollator, check_conversation_row, conversation_with_media
 
 
 @pytest.fixture(scope="module")

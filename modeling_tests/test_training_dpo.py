@@ -7,15 +7,8 @@ import statistics
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from trl import DPOConfig
-from trl.trainer.utils import add_fused_lm_head
-
-from ppllava_hf.dpo_ppllava import PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, frozen_copy
-from ppllava_hf.tiny_datasets_ppllava import tiny_preference_rows, write_color_videos
-from ppllava_hf.training_ppllava import ADAPTER_FOLDER, language_model_lora_config, save_trained_model
 from model_tester import record_calls
+from peft import PeftModel
 from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
     NUM_FRAMES,
     logged,
@@ -24,6 +17,13 @@ from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
     tiny_model_and_processor,
     tiny_trainer,
 )
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import DPOConfig
+from trl.trainer.utils import add_fused_lm_head
+
+from ppllava_hf.testing.tiny_training_data import tiny_preference_rows, write_color_videos
+from ppllava_hf.training.common import ADAPTER_FOLDER, language_model_lora_config, save_trained_model
+from ppllava_hf.training.dpo import PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, frozen_copy
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_tester import single_threaded  # noqa: F401
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import DPOConfig, SFTConfig
 
-from ppllava_hf.training_ppllava import ADAPTER_FOLDER, parse_script_args
-from training_tester import single_threaded  # noqa: F401
+from ppllava_hf.training.common import ADAPTER_FOLDER, parse_script_args
 
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

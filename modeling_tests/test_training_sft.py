@@ -4,11 +4,11 @@ template text), the loss falls, the vision tower does not move, and the video re
 import numpy as np
 import pytest
 import torch
+from training_tester import logged, single_threaded, tiny_model_and_processor, tiny_trainer  # noqa: F401
 from trl import SFTConfig
 
-from ppllava_hf.sft_ppllava import PPLLaVASFTCollator, PPLLaVASFTTrainer
-from ppllava_hf.tiny_datasets_ppllava import color_frames, tiny_sft_rows, write_color_videos
-from training_tester import logged, single_threaded, tiny_model_and_processor, tiny_trainer  # noqa: F401
+from ppllava_hf.testing.tiny_training_data import color_frames, tiny_sft_rows, write_color_videos
+from ppllava_hf.training.sft import PPLLaVASFTCollator, PPLLaVASFTTrainer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The contract of every transformers internal PPLLaVA builds on (`ppllava_hf.transformers_internals_ppllava`).
+"""The contract of every transformers internal PPLLaVA builds on (`ppllava_hf.models.ppllava.transformers_internals_ppllava`).
 
 Each test states what PPLLaVA relies on; a failure names the transformers change to adapt to, in one place.
 """
@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
-from transformers import SiglipTextConfig, SiglipTextModel, SiglipVisionConfig
+from transformers import (
+    AutoConfig,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipTextConfig,
+    SiglipTextModel,
+    SiglipVisionConfig,
+)
 
 from ppllava_hf import PPLLaVAConfig, PPLLaVAVideoProcessor
-from ppllava_hf.transformers_internals_ppllava import (
+from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     CLIPMLP,
     AutoVideoProcessor,
     CLIPAttention,

@@ -4,10 +4,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from video_test_files import read_index, write_audio_only, write_empty_video, write_video
 
 from ppllava_hf import VideoDecodingError, decode_video, sample_frame_indices
-from ppllava_hf.video_decoding_ppllava import PyAVVideoReader
-from video_test_files import read_index, write_audio_only, write_empty_video, write_video
+from ppllava_hf.models.ppllava.video_decoding_ppllava import PyAVVideoReader
 
 
 NTSC = Fraction(30000, 1001)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from video_test_files import read_index, write_video
 
 from ppllava_hf import PPLLaVAVideoProcessor, sample_frame_indices
-from video_test_files import read_index, write_video
 
 
 @pytest.fixture

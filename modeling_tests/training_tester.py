@@ -6,8 +6,8 @@ from datasets import Dataset
 from trl import DPOConfig, SFTConfig
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
-from ppllava_hf.freezing_ppllava import apply_freezing_preset
-from ppllava_hf.tiny_ppllava import tiny_config, tiny_processor
+from ppllava_hf.testing.tiny import tiny_config, tiny_processor
+from ppllava_hf.training.freezing import apply_freezing_preset
 
 
 NUM_FRAMES = 4

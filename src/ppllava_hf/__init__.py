@@ -2,12 +2,17 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
 
-from .configuration_ppllava import PPLLaVAConfig
-from .modeling_ppllava import PPLLaVAForConditionalGeneration, PPLLaVAModel, PPLLaVAPreTrainedModel
-from .processing_ppllava import PPLLaVAProcessor
-from .transformers_internals_ppllava import AutoVideoProcessor
-from .video_decoding_ppllava import PPLLaVAVideoMetadata, VideoDecodingError, decode_video, sample_frame_indices
-from .video_processing_ppllava import PPLLaVAVideoProcessor
+from .models.ppllava.configuration_ppllava import PPLLaVAConfig
+from .models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration, PPLLaVAModel, PPLLaVAPreTrainedModel
+from .models.ppllava.processing_ppllava import PPLLaVAProcessor
+from .models.ppllava.transformers_internals_ppllava import AutoVideoProcessor
+from .models.ppllava.video_decoding_ppllava import (
+    PPLLaVAVideoMetadata,
+    VideoDecodingError,
+    decode_video,
+    sample_frame_indices,
+)
+from .models.ppllava.video_processing_ppllava import PPLLaVAVideoProcessor
 
 
 AutoConfig.register("ppllava", PPLLaVAConfig, exist_ok=True)

@@ -1,0 +1,309 @@
+"""Video files to frames for PPLLaVA: the original frame sampler, and PyAV decoding that seeks instead of reading a
+whole file when few frames are wanted.
+
+PyAV (`av`) is imported inside the functions that decode, so this module loads where it is not installed.
+"""
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from transformers.utils import logging
+from transformers.video_utils import VideoMetadata
+
+
+logger = logging.get_logger(__name__)
+
+
+class VideoDecodingError(ValueError):
+    """A video file that cannot be turned into frames: missing, not a video, corrupt or truncated, or without frames."""
+
+
+@dataclass
+class PPLLaVAVideoMetadata(VideoMetadata):
+    """`VideoMetadata` plus the measured presentation time (seconds from the first frame) of each sampled frame."""
+
+    frame_timestamps: list[float] | None = None
+
+    @property
+    def timestamps(self) -> list[float]:
+        """When each sampled frame is shown: measured from the decoded frames when known, else index / fps."""
+        if self.frame_timestamps is not None:
+            return list(self.frame_timestamps)
+        return super().timestamps
+
+
+def sample_frame_indices(
+    total_num_frames: int,
+    num_frames: int | None = 32,
+    fps: float | None = None,
+    video_fps: float | None = None,
+    start_time: float | None = None,
+    end_time: float | None = None,
+) -> list[int]:
+    """Indices of the frames PPLLaVA looks at: the middle of each of `num_frames` equal segments of the clip.
+
+    The same rule as the original sampler (`get_index` in PPLLaVA's `demo.py` and evaluation datasets): the clip runs
+    from frame `max(0, round(start_time * video_fps))` to frame `min(round(end_time * video_fps), total_num_frames - 1)`,
+    and segment `i` contributes frame `int(first + seg / 2 + round(seg * i))` with `seg = (last - first) / num_frames`.
+
+    A clip with fewer frames than `num_frames` yields `num_frames` indices anyway, repeating frames (each source frame
+    once per segment it spans), as the original does: the model then sees the same number of frames, and tokens, as
+    for a long clip.
+
+    Args:
+        total_num_frames: frames in the video.
+        num_frames: frames to sample; exclusive with `fps`. With neither, every frame of the clip is returned.
+        fps: sample `int(clip_seconds * fps)` frames (at least one) with the same rule instead; needs `video_fps`.
+        video_fps: frame rate of the video; needed by `fps`, `start_time` and `end_time`.
+        start_time, end_time: bounds of the clip in seconds. An `end_time` beyond the video is clamped to its last
+            frame (as the original does); a `start_time` at or beyond the end is an error.
+    """
+    if total_num_frames < 1:
+        raise VideoDecodingError("The video has no frames to sample from.")
+    if num_frames is not None and fps is not None:
+        raise ValueError(f"Sample frames with either `num_frames` or `fps`, not both (got {num_frames=}, {fps=}).")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames must be a positive number of frames, got {num_frames}.")
+    if fps is not None and fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}.")
+    needs_rate = fps is not None or start_time is not None or end_time is not None
+    if needs_rate and not video_fps:
+        raise ValueError(
+            "Sampling by `fps` or with `start_time`/`end_time` needs the video's frame rate: pass `video_metadata` "
+            "with `fps` for frame arrays, or a video file."
+        )
+    first, last = _clip_bounds(total_num_frames, video_fps, start_time, end_time)
+    if num_frames is None and fps is None:
+        return list(range(first, last + 1))
+    if fps is not None:
+        num_frames = max(1, int((last - first + 1) / video_fps * fps))
+    segment = float(last - first) / num_frames
+    return [int(first + segment / 2 + np.round(segment * i)) for i in range(num_frames)]
+
+
+def _clip_bounds(
+    total_num_frames: int, video_fps: float | None, start_time: float | None, end_time: float | None
+) -> tuple[int, int]:
+    """First and last frame index of the [start_time, end_time] clip, validated against the video's length."""
+    last_frame = total_num_frames - 1
+    duration = total_num_frames / video_fps if video_fps else None
+    if start_time is not None and start_time < 0:
+        raise ValueError(f"start_time must be >= 0 seconds, got {start_time}.")
+    if start_time is not None and end_time is not None and start_time >= end_time:
+        raise ValueError(f"start_time ({start_time} s) must come before end_time ({end_time} s).")
+    if start_time is not None and start_time >= duration:
+        raise ValueError(
+            f"start_time ({start_time} s) is at or beyond the end of the video ({duration:.3f} s long); pick a start "
+            "inside the video."
+        )
+    first = max(0, round(start_time * video_fps)) if start_time is not None else 0
+    last = min(round(end_time * video_fps), last_frame) if end_time is not None else last_frame
+    return first, max(first, last)
+
+
+class PyAVVideoReader:
+    """Frames of one video file by index, decoded with PyAV.
+
+    Far frames are reached by seeking to the keyframe before them and decoding forward; the frame it lands on is
+    checked by its presentation time (pts), and a seek that overshoots falls back to decoding from the start. Near
+    frames are decoded in sequence. Only the requested frames are kept, so memory grows with them, not with the file.
+
+    `num_decoded_frames` counts every frame the decoder produced, for diagnostics and tests.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        av = _import_av()
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            hint = "URLs are not fetched: download the file first" if "://" in path else (
+                f"check the path (relative paths start at {os.getcwd()!r})"
+            )
+            raise VideoDecodingError(f"Video file not found: {path!r}; {hint}.")
+        try:
+            self._container = av.open(path)
+        except av.error.FFmpegError as error:
+            raise VideoDecodingError(
+                f"Cannot open {path!r} as a video ({error}); the file is corrupt, truncated or not a video. Re-encode "
+                "it (e.g. `ffmpeg -i in -c:v libx264 out.mp4`) or pass decoded frames."
+            ) from error
+        if not self._container.streams.video:
+            self._container.close()
+            raise VideoDecodingError(
+                f"{path!r} has no video stream (audio-only or data file); pass a file with video, or decoded frames."
+            )
+        self.path = path
+        self._stream = self._container.streams.video[0]
+        self._av_error = av.error.FFmpegError
+        rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
+        if not rate:
+            self.close()
+            raise VideoDecodingError(f"{path!r} does not declare a frame rate; re-encode it with a constant frame rate.")
+        self.fps = float(rate)
+        self.height, self.width = self._stream.height, self._stream.width
+        self._time_base = float(self._stream.time_base)
+        self._start_pts = self._stream.start_time or 0
+        self._frame_pts = 1.0 / (self.fps * self._time_base)
+        self.num_decoded_frames = 0
+        self.frame_count_is_exact = bool(self._stream.frames)
+        self.total_num_frames = self._stream.frames or self._estimated_frame_count() or self.count_packets()
+        if self.total_num_frames < 1:
+            self.close()
+            raise VideoDecodingError(f"{path!r} has a video stream without any frames; it is empty or truncated.")
+
+    @property
+    def duration(self) -> float:
+        return self.total_num_frames / self.fps
+
+    def _estimated_frame_count(self) -> int:
+        """Frames implied by the stream (else container) duration, for containers that do not store a count (mkv, webm)."""
+        if self._stream.duration:
+            seconds = self._stream.duration * self._time_base
+        elif self._container.duration:
+            seconds = self._container.duration / 1_000_000
+        else:
+            return 0
+        return round(seconds * self.fps)
+
+    def count_packets(self) -> int:
+        """Exact frame count by demuxing (not decoding) every packet of the video stream, in a separate pass."""
+        try:
+            with _import_av().open(self.path) as container:
+                count = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+        except self._av_error as error:
+            raise VideoDecodingError(f"{self.path!r} is corrupt or truncated: reading it failed with {error}.") from error
+        self.frame_count_is_exact = True
+        return count
+
+    def read(self, indices: Sequence[int]) -> tuple[np.ndarray, list[float]]:
+        """RGB frames `(len(indices), height, width, 3)` uint8 at `indices` (any order, repeats allowed), and the
+        presentation time in seconds (from the first frame) of each."""
+        wanted = sorted(set(int(index) for index in indices))
+        if not wanted or wanted[0] < 0 or wanted[-1] >= self.total_num_frames:
+            raise ValueError(f"Give at least one frame index in [0, {self.total_num_frames}), got {list(indices)}.")
+        try:
+            decoded = self._decode(wanted)
+        except self._av_error as error:
+            raise VideoDecodingError(f"{self.path!r} is corrupt or truncated: decoding failed with {error}.") from error
+        frames = np.stack([decoded[index][0] for index in indices])
+        return frames, [decoded[index][1] for index in indices]
+
+    def _decode(self, wanted: list[int]) -> dict[int, tuple[np.ndarray, float]]:
+        """Decode the sorted frame indices `wanted`: seek when the next one is further than a seek costs, else go on."""
+        found = {}
+        frames, last_pts = None, None
+        seek_cost = 16  # frames decoded after a seek to reach its target; re-measured at every seek
+        can_seek = True
+        for index in wanted:
+            target = self._start_pts + index * self._frame_pts
+            if frames is not None and not (can_seek and (target - last_pts) / self._frame_pts > seek_cost):
+                frame, _, _ = self._advance(frames, target)
+            else:
+                frames = self._frames_from(target if can_seek else self._start_pts)
+                frame, steps, first_pts = self._advance(frames, target)
+                if first_pts is not None and first_pts > target + self._frame_pts / 2:
+                    # The seek overshot (wrong or missing index): decode this and the later frames from the start.
+                    can_seek = False
+                    frames = self._frames_from(self._start_pts)
+                    frame, steps, _ = self._advance(frames, target)
+                seek_cost = max(1, steps)
+            if frame is None:
+                raise _EndOfStream(
+                    f"{self.path!r} is truncated: it declares {self.total_num_frames} frames but frame {index} cannot "
+                    "be decoded. Re-encode or repair the file."
+                )
+            last_pts = frame.pts
+            seconds = (frame.pts - self._start_pts) * self._time_base
+            found[index] = (frame.to_ndarray(format="rgb24"), round(seconds, 6))
+        return found
+
+    def _frames_from(self, pts: float) -> Iterator:
+        """Decoded frames from the keyframe at or before `pts` on, counted in `num_decoded_frames`."""
+        self._container.seek(int(pts), stream=self._stream, backward=True, any_frame=False)
+        for frame in self._container.decode(self._stream):
+            if frame.pts is None:
+                raise VideoDecodingError(f"{self.path!r} has frames without timestamps; re-encode it (e.g. to mp4).")
+            self.num_decoded_frames += 1
+            yield frame
+
+    def _advance(self, frames: Iterator, target: float):
+        """The first frame whose pts reaches `target` (within half a frame), how many frames that took, and the pts of
+        the first of them (to check where a seek landed). The frame is None when the stream ends first."""
+        first_pts = None
+        for steps, frame in enumerate(frames, start=1):
+            first_pts = frame.pts if first_pts is None else first_pts
+            if frame.pts >= target - self._frame_pts / 2:
+                return frame, steps, first_pts
+        return None, 0, first_pts
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> "PyAVVideoReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _EndOfStream(VideoDecodingError):
+    """The stream ended before a frame its declared (or estimated) length promised."""
+
+
+def decode_video(
+    path: str | os.PathLike,
+    num_frames: int | None = 32,
+    fps: float | None = None,
+    start_time: float | None = None,
+    end_time: float | None = None,
+) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
+    """Decode the frames PPLLaVA samples from a video file (see `sample_frame_indices`).
+
+    Returns RGB frames `(num_frames, height, width, 3)` uint8 (any pixel format, bit depth or alpha is converted) and
+    their metadata, whose `timestamps` are the measured presentation times of the sampled frames.
+
+    Raises:
+        VideoDecodingError (a `ValueError`): missing, unreadable, audio-only, empty, corrupt or truncated files.
+    """
+    with PyAVVideoReader(path) as reader:
+        try:
+            indices, frames, timestamps = _read_sampled(reader, num_frames, fps, start_time, end_time)
+        except _EndOfStream:
+            if reader.frame_count_is_exact:
+                raise
+            # The count was estimated from the duration and is too high: count the packets and sample again.
+            estimated, reader.total_num_frames = reader.total_num_frames, reader.count_packets()
+            if reader.total_num_frames < 0.9 * estimated:
+                logger.warning(
+                    f"{reader.path!r} lasts {estimated} frames by its header but holds {reader.total_num_frames}; it may "
+                    "be truncated. Sampling the frames it has."
+                )
+            indices, frames, timestamps = _read_sampled(reader, num_frames, fps, start_time, end_time)
+        metadata = PPLLaVAVideoMetadata(
+            total_num_frames=reader.total_num_frames,
+            fps=reader.fps,
+            width=reader.width,
+            height=reader.height,
+            duration=reader.duration,
+            video_backend="pyav",
+            frames_indices=indices,
+            frame_timestamps=timestamps,
+        )
+    return frames, metadata
+
+
+def _read_sampled(
+    reader: PyAVVideoReader, num_frames: int | None, fps: float | None, start_time: float | None, end_time: float | None
+) -> tuple[list[int], np.ndarray, list[float]]:
+    indices = sample_frame_indices(reader.total_num_frames, num_frames, fps, reader.fps, start_time, end_time)
+    frames, timestamps = reader.read(indices)
+    return indices, frames, timestamps
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError("Decoding video files needs PyAV: `pip install av` (or pass decoded frames).") from error
+    return av

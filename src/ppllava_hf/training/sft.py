@@ -1,0 +1,215 @@
+"""Video (and image) SFT for PPLLaVA with trl's `SFTTrainer`: the conversation format, a collator that trains on the
+assistant turns only, and a thin trainer subclass.
+
+Dataset format, one conversation per row (a JSONL file loads with `datasets.load_dataset("json", ...)`):
+
+    {"messages": [{"role": "user", "content": "What is the man doing?"},
+                  {"role": "assistant", "content": "He is slicing onions."}],
+     "video": "clips/0001.mp4", "id": "0001"}
+
+- `messages`: `{"role": "system" | "user" | "assistant", "content": ...}` turns, the content a string or a list of
+  blocks (`{"type": "text", "text": ...}`, `{"type": "video"}`, `{"type": "image"}`; a media block may carry its own
+  `"path"`, or its frames / image under `"video"` / `"image"`). At least one assistant turn.
+- `video` (one) or `videos` (a list), `image` / `images`: file paths (relative paths start at the trainer's
+  `media_folder`) or decoded frames (`(T, H, W, 3)` uint8 per video, `(H, W, 3)` per image). They fill the media
+  blocks that carry no path, in order; a conversation without media blocks gets them at the start of its first user
+  turn (the original layout: `USER: <video>\\nQuestion ASSISTANT: ...`).
+- optional `pooling_prompt` and `id`.
+
+Labels: only the assistant turns (answer text and the separator that ends it, `</s>` / `<|im_end|>`) are learned; the
+system text, user turns, role markers and visual tokens are `-100`, from the chat template's `{% generation %}`
+markers. The original recipe masks the same parts.
+
+Pooling prompt: by default the text of the last user turn (the question), as PPLLaVA is prompted at inference and in
+DPO. The original SFT fed the whole templated conversation to its CLIP text encoder instead; give a `pooling_prompt`
+column to choose another text per row.
+
+Usage (`examples/train_sft.py` is the full script):
+
+    apply_freezing_preset(model, "sft")
+    trainer = PPLLaVASFTTrainer(model, args=SFTConfig("out", learning_rate=2e-5, lr_scheduler_type="cosine"),
+                                train_dataset=conversations, processing_class=processor, media_folder=videos)
+    trainer.train()
+"""
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from transformers.data.data_collator import DataCollatorMixin
+from trl import SFTConfig, SFTTrainer
+
+from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
+from .common import PPLLaVATrainerMixin
+from .rows import (
+    ROW_INDEX,
+    BadRowError,
+    BadRowPolicy,
+    VideoCheck,
+    check_batch_lengths,
+    check_length,
+    content_blocks,
+    load_row_video,
+    resolve_image,
+    resolve_video,
+    token_count,
+    visual_tokens_added,
+)
+
+
+CONVERSATION_COLUMNS = ("messages", "video", "videos", "image", "images", "pooling_prompt", "id", ROW_INDEX)
+_MEDIA = {"video": ("video", "videos", resolve_video), "image": ("image", "images", resolve_image)}
+
+
+def conversation_with_media(row: dict[str, Any], media_folder: str | None = None) -> list[dict]:
+    """The row's conversation as chat messages whose every video / image block holds its file path or frames (the
+    form `processor.apply_chat_template(tokenize=True)` reads). Raises `BadRowError` for a malformed row."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRowError(f"its messages must be a non-empty list of turns, got {messages!r}", kind="malformed")
+    messages = [{"role": message["role"], "content": content_blocks(message.get("content"))} for message in messages]
+    if not any(message["role"] == "assistant" for message in messages):
+        raise BadRowError("its conversation has no assistant turn to learn from", kind="no assistant turn")
+    for modality, (single, several, resolve) in _MEDIA.items():
+        given = row.get(several) or ([row[single]] if row.get(single) is not None else [])
+        blocks = [block for message in messages for block in message["content"] if block["type"] == modality]
+        if not blocks and given:
+            first_user = next((message for message in messages if message["role"] == "user"), None)
+            if first_user is None:
+                raise BadRowError(f"it has {modality}s but no user turn to put them in", kind="malformed")
+            blocks = [{"type": modality} for _ in given]
+            first_user["content"] = [*blocks, *first_user["content"]]
+        empty = [block for block in blocks if _payload(block, modality) is None]
+        if len(empty) != len(given):
+            raise BadRowError(
+                f"it has {len(empty)} {modality} block(s) without a path but {len(given)} {modality}(s) in its "
+                f"{single}/{several} column", kind="media placeholders do not match",
+            )
+        for block, value in zip(empty, given):
+            block[modality] = value
+        for block in blocks:
+            value = _payload(block, modality)
+            for key in ("path", "url"):
+                block.pop(key, None)
+            block[modality] = resolve(value, media_folder)
+    return messages
+
+
+def _payload(block: dict, modality: str) -> Any:
+    """What a media block holds: frames or an image under its modality's key, or a `path` / `url`."""
+    return next((block[key] for key in (modality, "path", "url") if key in block), None)
+
+
+def _media(conversation: list[dict], modality: str) -> list[Any]:
+    return [block[modality] for message in conversation for block in message["content"] if block["type"] == modality]
+
+
+def check_conversation_row(
+    row: dict[str, Any],
+    processor: PPLLaVAProcessor,
+    media_folder: str | None = None,
+    max_length: int | None = None,
+    video_check: VideoCheck = "open",
+) -> None:
+    """Raise `BadRowError` (or `VideoDecodingError`) if the row cannot be trained on: malformed, no assistant turn,
+    missing or unreadable media, or longer than `max_length` with its visual tokens."""
+    conversation = conversation_with_media(row, media_folder)
+    text = processor.apply_chat_template(conversation, tokenize=False)
+    added = visual_tokens_added(processor, _media(conversation, "video"), _media(conversation, "image"), video_check)
+    check_length(token_count(processor, text) + added, max_length)
+
+
+@dataclass
+class PPLLaVASFTCollator(DataCollatorMixin):
+    """Batches conversations for trl's `SFTTrainer`: `input_ids`, `attention_mask`, `labels` (everything but the
+    assistant turns is `-100`) and the model's visual inputs (`pixel_values_videos`, `clip_input_ids`,
+    `clip_attention_mask`, and `pixel_values`, `image_sizes` for images).
+
+    Tokenizes with `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`, exactly as at inference
+    (the BOS included), right-padded. Videos are decoded one row at a time so that a file that fails names its row.
+    Rows are never truncated; a row longer than `max_length` raises `BadRowError` (the trainer drops such rows first).
+    """
+
+    processor: PPLLaVAProcessor
+    media_folder: str | None = None
+    max_length: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        conversations = [self._decoded(example) for example in examples]
+        batch = self.processor.apply_chat_template(
+            conversations,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            return_assistant_tokens_mask=True,
+            processor_kwargs={
+                "padding": True,
+                "padding_side": "right",
+                "pooling_prompt": [example.get("pooling_prompt") or None for example in examples],
+            },
+        )
+        assistant_masks = torch.as_tensor(batch.pop("assistant_masks"))
+        batch["labels"] = batch["input_ids"].masked_fill((assistant_masks * batch["attention_mask"]) == 0, -100)
+        check_batch_lengths(batch["attention_mask"].sum(-1).tolist(), examples, self.max_length)
+        return dict(batch)
+
+    def _decoded(self, example: dict[str, Any]) -> list[dict]:
+        """The row's conversation with its videos decoded to frames (the processor's sampling)."""
+        conversation = conversation_with_media(example, self.media_folder)
+        for message in conversation:
+            for block in message["content"]:
+                if block["type"] == "video":
+                    block["video"] = load_row_video(self.processor, block["video"], example)
+        return conversation
+
+
+class PPLLaVASFTTrainer(PPLLaVATrainerMixin, SFTTrainer):
+    """trl's `SFTTrainer` for PPLLaVA conversations with videos and images (format in the module docstring).
+
+    The loss, PEFT, DeepSpeed/FSDP, logging are trl's. The additions: `media_folder` (where relative media paths
+    start), `on_bad_row` / `video_check` (see `ppllava_hf.training.rows`; skipped rows are listed in
+    `trainer.skipped_rows`), and the default collator `PPLLaVASFTCollator`, which trains on the assistant turns.
+
+    Apply a freezing preset (`apply_freezing_preset(model, "sft")`, the released recipe) before creating the trainer.
+    """
+
+    row_columns = CONVERSATION_COLUMNS
+
+    def __init__(
+        self,
+        model: Any,
+        args: SFTConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: PPLLaVAProcessor | None = None,
+        *,
+        media_folder: str | None = None,
+        on_bad_row: BadRowPolicy = "skip",
+        video_check: VideoCheck = "open",
+        **kwargs,
+    ):
+        args = args if args is not None else SFTConfig("PPLLaVA-SFT")
+        processing_class = self._set_up_rows(
+            model, processing_class, check_conversation_row, media_folder, on_bad_row, video_check
+        )
+        # trl tokenizes text datasets itself before training, and skips that for datasets with an image column only;
+        # PPLLaVA rows are tokenized by the collator, with their media, so preparation is always skipped. The rows are
+        # checked here instead, since `SFTTrainer._prepare_dataset` is not called for every dataset.
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        check = partial(self.row_checker, max_length=args.max_length, num_proc=args.dataset_num_proc)
+        train_dataset = check(train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: check(dataset, name) for name, dataset in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = check(eval_dataset, "eval")
+        # Built here rather than by trl, which only knows image columns.
+        if data_collator is None:
+            data_collator = PPLLaVASFTCollator(processing_class, media_folder, args.max_length)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+
+
+
+__all__ = ["PPLLaVASFTCollator", "PPLLaVASFTTrainer", "check_conversation_row", "conversation_with_media"]
