@@ -2,25 +2,24 @@
 
     python examples/evaluate_mcq.py --data mvbench.json --video-root /data/MVBench/video --model path/to/ppllava \
         --output results.json --num-frames 32
-    # the embedded default on a 5-question sample about the quickstart's clip (random model: chance-level accuracy)
+    # the embedded default on a 6-question sample about the quickstart's clip (random model: chance-level accuracy)
     python examples/evaluate_mcq.py --data examples/data/red_ball_mcq.json --video-root quickstart-output --output results.json
 
 --data: a JSON list of {"video", "question", "candidates": [...], "answer": <one of the candidates>, "task_type"}, with
 optional clip bounds "start" / "end" in seconds (MVBench's names). Video paths are relative to --video-root (default:
-the JSON file's folder).
+the JSON file's folder); a video may be a folder of frame images (MVBench's Episodic Reasoning), extracted at
+--frame-folder-fps.
 
-Prompt, as PPLLaVA's MVBench evaluation builds it: the user turn is MVBench's system instruction, then
-"Question: ...\\nOptions:\\n(A) ...\\n(B) ..." and "\\nOnly give the best option."; the assistant turn is pre-filled
-with "Best option:(" so the model answers with a letter. The question and options (without the instruction) are the
-pooling prompt. The chosen option is the letter the answer starts with (else the first "(X)" in it, else the one
-candidate whose text it contains); no option counts as wrong. Accuracy is reported per task type, over all questions,
-and as the mean of the task accuracies (MVBench's headline number when tasks are equally large).
+Prompt and scoring are those of PPLLaVA's published MVBench run (`ppllava_hf.evaluation.prompts`, the same the lmms-eval
+model uses): the user turn is "Question: ...\\nOptions:\\n(A) ...\\n(B) ...\\nOnly give the best option." with no
+system instruction, the answer is prefilled with "Best option:(", and the question with its options is the pooling
+prompt. The prediction is "(" + the answer, checked as the original checks it (its first word names the correct
+option); an unreadable video counts as wrong. Accuracy is reported per task type, over all questions, and as the mean
+of the task accuracies (MVBench's headline number when tasks are equally large).
 """
 
 import argparse
 import json
-import re
-import string
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,54 +34,31 @@ from ppllava_cli import (
 )
 from tqdm import tqdm
 
-
-MVBENCH_SYSTEM = (
-    "Carefully watch the video and pay attention to the cause and sequence of events, the detail and movement of "
-    "objects, and the action and pose of persons. Based on your observations, select the best option that accurately "
-    "addresses the question.\n"
+from ppllava_hf.evaluation.prompts import (
+    BenchmarkPrompt,
+    mvbench_answer,
+    mvbench_is_correct,
+    mvbench_prompt,
+    render_prompt,
 )
-QUESTION_SUFFIX = "\nOnly give the best option."
-ANSWER_PREFILL = "Best option:("
 
 
-def option_letter(index: int) -> str:
-    return string.ascii_uppercase[index]
-
-
-def question_block(sample: dict) -> str:
-    """'Question: ...\\nOptions:\\n(A) ...\\n(B) ...': the question with lettered candidates (also the pooling prompt)."""
-    options = "\n".join(f"({option_letter(index)}) {candidate}" for index, candidate in enumerate(sample["candidates"]))
-    return f"Question: {sample['question']}\nOptions:\n{options}"
+def sample_prompt(sample: dict) -> BenchmarkPrompt:
+    """PPLLaVA's MVBench prompt, prefill and pooling prompt for a question of --data."""
+    return mvbench_prompt(sample["question"], sample["candidates"])
 
 
 def mcq_prompt(processor, sample: dict) -> str:
-    """The full prompt text: the chat-templated user turn (video, instruction, question block) and the prefilled answer."""
-    text = MVBENCH_SYSTEM + question_block(sample) + QUESTION_SUFFIX
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFILL
+    """The full prompt text of a question, in the model's chat template, ending with the prefill."""
+    return render_prompt(processor, sample_prompt(sample))
 
 
-def extract_option(generated: str, candidates: Sequence[str]) -> str | None:
-    """The option letter a generated answer picks (the text after the prefilled "("), or `None`.
-
-    In order: a valid letter that starts the answer and is not the start of a word ("B) dancing", "B", "B."); the first
-    "(X)" with a valid letter; the only candidate whose text the answer contains (case-insensitive).
-    """
-    letters = {option_letter(index) for index in range(len(candidates))}
-    text = generated.strip()
-    if text[:1] in letters and not text[1:2].isalpha():
-        return text[0]
-    for letter in re.findall(r"\(([A-Z])\)", text):
-        if letter in letters:
-            return letter
-    named = [option_letter(index) for index, candidate in enumerate(candidates) if candidate.lower() in text.lower()]
-    return named[0] if len(named) == 1 else None
-
-
-def chosen_and_truth(sample: dict, generated: str | None) -> tuple[str | None, str]:
-    """(the option a generated answer picks or None, the correct option) for one question."""
-    chosen = None if generated is None else extract_option(generated, sample["candidates"])
-    return chosen, option_letter(sample["candidates"].index(sample["answer"]))
+def prediction_and_correct(sample: dict, generated: str | None) -> tuple[str | None, bool]:
+    """The original's prediction for a generated answer (None without one) and whether it is correct."""
+    if generated is None:
+        return None, False
+    prediction = sample_prompt(sample).prediction(generated)
+    return prediction, mvbench_is_correct(prediction, sample["candidates"], sample["answer"])
 
 
 def load_samples(path: Path) -> list[dict]:
@@ -101,9 +77,9 @@ def score(samples: Sequence[dict], generations: Sequence[str | None], errors: Se
     """The results JSON: per-question records and accuracies (percent) per task type, overall and task mean."""
     records, counts = [], {}
     for sample, generated, error in zip(samples, generations, errors):
-        chosen, truth = chosen_and_truth(sample, generated)
-        record = {**sample, "prediction": None if generated is None else "(" + generated.strip(), "option": chosen,
-                  "answer_option": truth, "correct": chosen == truth}
+        prediction, correct = prediction_and_correct(sample, generated)
+        truth = mvbench_answer(sample["candidates"], sample["answer"])
+        record = {**sample, "prediction": prediction, "answer_option": truth, "correct": correct}
         if error is not None:
             record["error"] = error
         records.append(record)
@@ -133,8 +109,7 @@ def evaluate(samples: Sequence[dict], answer: AnswerFn, batch_size: int = 4) -> 
             for sample, (generated, error) in zip(batch, answer(batch)):
                 generations.append(generated)
                 errors.append(error)
-                chosen, truth = chosen_and_truth(sample, generated)
-                correct += chosen == truth
+                correct += prediction_and_correct(sample, generated)[1]
             progress.update(len(batch))
             progress.set_postfix(accuracy=f"{100 * correct / len(generations):.1f}%")
     return score(samples, generations, errors)
@@ -146,7 +121,8 @@ def model_answerer(loaded: LoadedModel, args: argparse.Namespace, video_root: Pa
 
     def answer(batch: list[dict]) -> list[tuple[str | None, str | None]]:
         decoded = [
-            decode_or_error(video_root / sample["video"], num_frames, sample.get("start"), sample.get("end"))
+            decode_or_error(video_root / sample["video"], num_frames, sample.get("start"), sample.get("end"),
+                            folder_fps=args.frame_folder_fps)
             for sample in batch
         ]
         results = [(None, frames) if isinstance(frames, str) else None for frames in decoded]
@@ -156,7 +132,7 @@ def model_answerer(loaded: LoadedModel, args: argparse.Namespace, video_root: Pa
                 loaded,
                 [mcq_prompt(loaded.processor, batch[index]) for index in ready],
                 [decoded[index] for index in ready],
-                [question_block(batch[index]) for index in ready],
+                [sample_prompt(batch[index]).pooling_prompt for index in ready],
                 args.max_new_tokens,
                 **loaded.processor_kwargs(args),
             )
@@ -174,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--video-root", type=Path, help="Folder the video paths are relative to (default: --data's).")
     parser.add_argument("--output", required=True, type=Path, help="Results JSON.")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--frame-folder-fps", type=float, default=3.0,
+                        help="Rate the frames of frame-folder videos were extracted at, for start/end (MVBench's: 3).")
     add_model_arguments(parser)
     parser.set_defaults(max_new_tokens=16)
     return parser.parse_args(argv)

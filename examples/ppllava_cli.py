@@ -105,11 +105,16 @@ def answer_batch(
 
 
 def decode_or_error(
-    path: str | os.PathLike, num_frames: int, start_time: float | None = None, end_time: float | None = None
+    path: str | os.PathLike,
+    num_frames: int,
+    start_time: float | None = None,
+    end_time: float | None = None,
+    folder_fps: float | None = None,
 ) -> np.ndarray | str:
-    """The sampled frames of a video file, or the reason it cannot be read (for a per-row error record)."""
+    """The sampled frames of a video file or frame folder (extracted at `folder_fps`), or the reason it cannot be read
+    (for a per-row error record)."""
     try:
-        frames, _ = decode_video(path, num_frames, start_time=start_time, end_time=end_time)
+        frames, _ = decode_video(path, num_frames, start_time=start_time, end_time=end_time, folder_fps=folder_fps)
     except (ValueError, OSError) as error:
         return f"{type(error).__name__}: {error}"
     return frames

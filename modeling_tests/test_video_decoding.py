@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from video_test_files import read_index, write_audio_only, write_empty_video, write_video
+from video_test_files import read_index, write_audio_only, write_empty_video, write_frame_folder, write_video
 
 from ppllava_hf import VideoDecodingError, decode_video, sample_frame_indices
 from ppllava_hf.models.ppllava.video_decoding_ppllava import PyAVVideoReader
@@ -259,3 +259,50 @@ def test_start_beyond_the_duration_is_refused(tmp_path):
     path = write_video(tmp_path / "clip.mp4", "libx264", 50, rate=25)
     with pytest.raises(ValueError, match=r"beyond the end of the video \(2.000 s long\)"):
         decode_video(path, start_time=5.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Folders of frame images (MVBench's Episodic Reasoning)
+
+
+def original_read_frame_files(num_files, num_segments):
+    """The file numbers the original's `read_frame` reads from a folder of `num_files` frames numbered from 1, without
+    bounds (`get_index` with `first_idx=1` and `max_frame` = the number of files), transcribed by hand."""
+    start_idx, end_idx = max(1, round(-100000 * 3)), min(round(100000 * 3), num_files)
+    seg_size = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + (seg_size / 2) + np.round(seg_size * idx)) for idx in range(num_segments)]
+
+
+@pytest.mark.parametrize("num_files, num_frames", [(40, 8), (90, 32), (5, 8)])
+def test_a_frame_folder_is_sampled_as_the_original_reads_it(tmp_path, num_files, num_frames):
+    folder = write_frame_folder(tmp_path / "frames", num_files)
+    frames, metadata = decode_video(folder, num_frames)
+    assert frames.shape == (num_frames, 16, 96, 3)
+    # Frame index i is file number i + 1.
+    assert [read_index(frame) + 1 for frame in frames] == original_read_frame_files(num_files, num_frames)
+    assert metadata.frames_indices == [read_index(frame) for frame in frames]
+    assert metadata.total_num_frames == num_files and metadata.fps is None
+
+
+def test_frame_folder_files_are_ordered_by_their_numbers_not_as_text(tmp_path):
+    folder = write_frame_folder(tmp_path / "frames", 12, name="frame_{}.jpg".format)
+    (folder / "notes.txt").write_text("not a frame")
+    frames, _ = decode_video(folder, None)
+    # Every frame, in order (JPEG is lossy but the bars stay readable): frame_2.jpg comes before frame_10.jpg.
+    assert [read_index(frame) for frame in frames] == list(range(12))
+
+
+def test_a_frame_folder_is_clipped_at_its_frame_rate(tmp_path):
+    folder = write_frame_folder(tmp_path / "frames", 30)
+    frames, metadata = decode_video(folder, 4, start_time=2.0, end_time=6.0, folder_fps=3)
+    expected = sample_frame_indices(30, 4, video_fps=3, start_time=2.0, end_time=6.0)
+    assert [read_index(frame) for frame in frames] == expected == metadata.frames_indices
+    assert metadata.timestamps == pytest.approx([index / 3 for index in expected])
+    with pytest.raises(ValueError, match="folder_fps"):
+        decode_video(folder, 4, start_time=2.0)
+
+
+def test_a_folder_without_frame_images_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoDecodingError, match="holds no frame images"):
+        decode_video(tmp_path / "empty", 8)

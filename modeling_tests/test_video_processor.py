@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from video_test_files import read_index, write_video
+from video_test_files import read_index, write_frame_folder, write_video
 
 from ppllava_hf import PPLLaVAVideoProcessor, sample_frame_indices
 
@@ -160,3 +160,10 @@ def test_decoded_frames_match_the_file(tmp_path):
     processor = PPLLaVAVideoProcessor(size={"height": 16, "width": 96}, num_frames=3, do_normalize=False, do_rescale=False)
     frames = processor(str(path))["pixel_values_videos"][0].permute(0, 2, 3, 1).numpy()
     assert [read_index(frame) for frame in frames] == sample_frame_indices(12, 3)
+
+
+def test_a_folder_of_frame_images_is_a_video(tmp_path, processor):
+    folder = write_frame_folder(tmp_path / "frames", 20)
+    out = processor([str(folder)], return_metadata=True)
+    assert out["pixel_values_videos"].shape == (1, 4, 3, 28, 28)
+    assert out["video_metadata"][0].frames_indices == sample_frame_indices(20, 4)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 
 INDEX_BITS = 12
@@ -48,6 +49,15 @@ def write_video(
         arrays = (index_frame(index) if frames is None else frames[index] for index in range(num_frames))
         _encode(container, stream, (av.VideoFrame.from_ndarray(array, format="rgb24") for array in arrays))
     return path
+
+
+def write_frame_folder(folder: Path, num_frames: int, name=lambda number: f"{number:05d}.png") -> Path:
+    """A folder of `num_frames` index frames, one image per frame named `name(k)` for k from 1 (MVBench numbers its
+    frame files from 1); PNG keeps the frames exact."""
+    folder.mkdir()
+    for index in range(num_frames):
+        Image.fromarray(index_frame(index)).save(folder / name(index + 1))
+    return folder
 
 
 def write_audio_only(path: Path) -> Path:

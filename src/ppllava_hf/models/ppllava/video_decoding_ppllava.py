@@ -1,14 +1,16 @@
-"""Video files to frames for PPLLaVA: the original frame sampler, and PyAV decoding that seeks instead of reading a
-whole file when few frames are wanted.
+"""Video files to frames for PPLLaVA: the original frame sampler, PyAV decoding that seeks instead of reading a whole
+file when few frames are wanted, and folders of frame images (MVBench's Episodic Reasoning videos are stored so).
 
 PyAV (`av`) is imported inside the functions that decode, so this module loads where it is not installed.
 """
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 from transformers.utils import logging
 from transformers.video_utils import VideoMetadata
 
@@ -257,8 +259,10 @@ def decode_video(
     fps: float | None = None,
     start_time: float | None = None,
     end_time: float | None = None,
+    folder_fps: float | None = None,
 ) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
-    """Decode the frames PPLLaVA samples from a video file (see `sample_frame_indices`).
+    """Decode the frames PPLLaVA samples from a video file, or read them from a folder of frame images (see
+    `sample_frame_indices` and `read_frame_folder`; `folder_fps` is the frame rate of a folder, files carry their own).
 
     Returns RGB frames `(num_frames, height, width, 3)` uint8 (any pixel format, bit depth or alpha is converted) and
     their metadata, whose `timestamps` are the measured presentation times of the sampled frames.
@@ -266,6 +270,8 @@ def decode_video(
     Raises:
         VideoDecodingError (a `ValueError`): missing, unreadable, audio-only, empty, corrupt or truncated files.
     """
+    if os.path.isdir(path):
+        return read_frame_folder(path, num_frames, fps, start_time, end_time, folder_fps)
     with PyAVVideoReader(path) as reader:
         try:
             indices, frames, timestamps = _read_sampled(reader, num_frames, fps, start_time, end_time)
@@ -299,6 +305,75 @@ def _read_sampled(
     indices = sample_frame_indices(reader.total_num_frames, num_frames, fps, reader.fps, start_time, end_time)
     frames, timestamps = reader.read(indices)
     return indices, frames, timestamps
+
+
+FRAME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def frame_folder_files(folder: str | os.PathLike) -> list[str]:
+    """The frame images of a folder in frame order: names compared with their digit runs as numbers, so that
+    `2.jpg` comes before `10.jpg` as `00002.jpg` comes before `00010.jpg`."""
+
+    def frame_order(name: str) -> list:
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+    names = [name for name in os.listdir(folder) if name.lower().endswith(FRAME_IMAGE_SUFFIXES)]
+    return [os.path.join(folder, name) for name in sorted(names, key=frame_order)]
+
+
+def read_frame_folder(
+    folder: str | os.PathLike,
+    num_frames: int | None = 32,
+    fps: float | None = None,
+    start_time: float | None = None,
+    end_time: float | None = None,
+    folder_fps: float | None = None,
+) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
+    """The frames PPLLaVA samples from a folder of frame images (one file per frame, see `frame_folder_files`), by the
+    same rule as a video file; only the sampled images are read.
+
+    `folder_fps`, the rate the frames were extracted at (MVBench's Episodic Reasoning frames: 3), places frame `i` at
+    `i / folder_fps` seconds; `fps=`, `start_time` and `end_time` need it. Without bounds the sampled files are the
+    original's (`read_frame` in PPLLaVA's evaluation datasets); with bounds the original numbers its files from 1 and
+    takes file `k` to be at `k / folder_fps` seconds, one frame later than here.
+    """
+    folder = os.fspath(folder)
+    files = frame_folder_files(folder)
+    if not files:
+        raise VideoDecodingError(
+            f"The folder {folder!r} holds no frame images ({', '.join(FRAME_IMAGE_SUFFIXES)}); pass a folder of one "
+            "image per frame, or a video file."
+        )
+    if not folder_fps and (fps is not None or start_time is not None or end_time is not None):
+        raise ValueError(
+            f"Sampling the frame folder {folder!r} by `fps` or inside `start_time`/`end_time` needs the rate its frames "
+            "were extracted at: decode it with `decode_video(..., folder_fps=...)` (MVBench's frame folders: 3)."
+        )
+    indices = sample_frame_indices(len(files), num_frames, fps, folder_fps, start_time, end_time)
+    read = {index: _read_frame_image(files[index]) for index in sorted(set(indices))}
+    sizes = {frame.shape for frame in read.values()}
+    if len(sizes) > 1:
+        raise VideoDecodingError(f"The frames of {folder!r} differ in size ({sorted(sizes)}); resize them to one size.")
+    frames = np.stack([read[index] for index in indices])
+    metadata = PPLLaVAVideoMetadata(
+        total_num_frames=len(files),
+        fps=folder_fps,
+        width=frames.shape[2],
+        height=frames.shape[1],
+        duration=len(files) / folder_fps if folder_fps else None,
+        video_backend="pil",
+        frames_indices=indices,
+        frame_timestamps=[round(index / folder_fps, 6) for index in indices] if folder_fps else None,
+    )
+    return frames, metadata
+
+
+def _read_frame_image(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise VideoDecodingError(f"Cannot read the frame image {path!r} ({error}); replace or re-export it.") from error
 
 
 def _import_av():
