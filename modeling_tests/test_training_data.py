@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from trl import DPOConfig
 
-from ppllava_hf.dpo_ppllava import PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, check_preference_row, render_preference
+from ppllava_hf.dpo_ppllava import PPLLaVADPOConfig, PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, check_preference_row, render_preference
 from ppllava_hf.sft_ppllava import PPLLaVASFTCollator, check_conversation_row, conversation_with_media
 from ppllava_hf.tiny_datasets_ppllava import QUESTION, color_frames, tiny_preference_rows, tiny_sft_rows, write_color_videos
 from ppllava_hf.training_data_ppllava import BadRowError, check_rows, token_count, visual_tokens_added
@@ -135,19 +134,21 @@ def test_the_trainer_drops_bad_rows_before_training_and_lists_them(media, tmp_pa
     model, processor = tiny_model_and_processor()
     trainer = PPLLaVADPOTrainer(
         model,
-        args=cpu_args(DPOConfig, tmp_path, max_length=128),
+        args=cpu_args(PPLLaVADPOConfig, tmp_path, max_length=128, media_folder=folder),
         train_dataset=Dataset.from_list(bad_preference_rows(videos)),
         eval_dataset=Dataset.from_list(bad_preference_rows(videos)[:2]),
         processing_class=processor,
-        media_folder=folder,
     )
     assert len(trainer.train_dataset) == 2 and len(trainer.eval_dataset) == 1
     assert [(row.dataset, row.index) for row in trainer.skipped_rows] == [
         ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 1)
     ]
     with pytest.raises(ValueError, match="on_bad_row"):
-        PPLLaVADPOTrainer(model, args=cpu_args(DPOConfig, tmp_path), train_dataset=trainer.train_dataset,
-                          processing_class=processor, on_bad_row="ignore")
+        cpu_args(PPLLaVADPOConfig, tmp_path, on_bad_row="ignore")
+    # A dataset given to evaluate() is checked the same way.
+    metrics = trainer.evaluate(Dataset.from_list(bad_preference_rows(videos)[2:]), metric_key_prefix="test")
+    assert "test_loss" in metrics
+    assert [(row.dataset, row.index) for row in trainer.skipped_rows[5:]] == [("test", 0), ("test", 1), ("test", 2)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
