@@ -10,7 +10,6 @@ import pytest
 import torch
 from datasets import Dataset
 from training_tester import NUM_FRAMES, cpu_args, single_threaded, tiny_model_and_processor  # noqa: F401
-from trl import DPOConfig
 from video_test_files import write_video
 
 from ppllava_hf.testing.tiny_training_data import (
@@ -21,6 +20,7 @@ from ppllava_hf.testing.tiny_training_data import (
     write_color_videos,
 )
 from ppllava_hf.training.dpo import (
+    PPLLaVADPOConfig,
     PPLLaVADPOTrainer,
     PPLLaVAPreferenceCollator,
     check_preference_row,
@@ -146,19 +146,21 @@ def test_the_trainer_drops_bad_rows_before_training_and_lists_them(media, tmp_pa
     model, processor = tiny_model_and_processor()
     trainer = PPLLaVADPOTrainer(
         model,
-        args=cpu_args(DPOConfig, tmp_path, max_length=128),
+        args=cpu_args(PPLLaVADPOConfig, tmp_path, max_length=128, media_folder=folder),
         train_dataset=Dataset.from_list(bad_preference_rows(videos)),
         eval_dataset=Dataset.from_list(bad_preference_rows(videos)[:2]),
         processing_class=processor,
-        media_folder=folder,
     )
     assert len(trainer.train_dataset) == 2 and len(trainer.eval_dataset) == 1
     assert [(row.dataset, row.index) for row in trainer.skipped_rows] == [
         ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 1)
     ]
     with pytest.raises(ValueError, match="on_bad_row"):
-        PPLLaVADPOTrainer(model, args=cpu_args(DPOConfig, tmp_path), train_dataset=trainer.train_dataset,
-                          processing_class=processor, on_bad_row="ignore")
+        cpu_args(PPLLaVADPOConfig, tmp_path, on_bad_row="ignore")
+    # A dataset given to evaluate() is checked the same way.
+    metrics = trainer.evaluate(Dataset.from_list(bad_preference_rows(videos)[2:]), metric_key_prefix="test")
+    assert "test_loss" in metrics
+    assert [(row.dataset, row.index) for row in trainer.skipped_rows[5:]] == [("test", 0), ("test", 1), ("test", 2)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -72,17 +72,22 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
+def check_freezing_preset(preset: str) -> None:
+    """Refuse an unknown preset name, listing the known ones."""
+    if preset not in FREEZING_PRESETS:
+        presets = "; ".join(f"{name!r}: {description}" for name, description in FREEZING_PRESETS.items())
+        raise ValueError(f"Unknown freezing preset {preset!r}. Presets: {presets}.")
+
+
 def _trainable_groups(preset: str, model: nn.Module) -> frozenset[str]:
     """The parts a preset trains on this model (the SFT preset reads the model's `freeze_prompt_encoder`)."""
+    check_freezing_preset(preset)
     if preset == "dpo":
         return frozenset({LANGUAGE_MODEL, LM_HEAD})
-    if preset == "sft":
-        frozen = {VISION_TOWER}
-        if _find(model, PPLLaVAModel).config.freeze_prompt_encoder:
-            frozen.add(PROMPT_ENCODER)
-        return frozenset(PARAMETER_GROUPS) - frozen
-    presets = "; ".join(f"{name!r}: {description}" for name, description in FREEZING_PRESETS.items())
-    raise ValueError(f"Unknown freezing preset {preset!r}. Presets: {presets}.")
+    frozen = {VISION_TOWER}
+    if _find(model, PPLLaVAModel).config.freeze_prompt_encoder:
+        frozen.add(PROMPT_ENCODER)
+    return frozenset(PARAMETER_GROUPS) - frozen
 
 
 def apply_freezing_preset(model: nn.Module, preset: str) -> "TrainableParameterTable":
@@ -150,6 +155,7 @@ __all__ = [
     "PARAMETER_GROUPS",
     "TrainableParameterTable",
     "apply_freezing_preset",
+    "check_freezing_preset",
     "parameter_groups",
     "trainable_parameter_table",
 ]

@@ -332,5 +332,6 @@ __all__ = [
     "RowChecker",
     "SkippedRow",
     "VideoCheck",
+    "check_options",
     "check_rows",
 ]
