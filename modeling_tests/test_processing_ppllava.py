@@ -54,7 +54,9 @@ def decode_prompt(processor, row) -> str:
 
 
 def test_32_frames_of_24x24_patches_with_the_233_kernel_expand_to_1024_tokens():
-    config = PPLLaVAConfig(image_token_id=300, video_token_id=301)
+    # The default (CLIP ViT-L/14-336) sizes, with the vocabulary of the tiny prompt tokenizer.
+    prompt_encoder_config = {**PPLLaVAConfig().prompt_encoder_config.to_dict(), "vocab_size": 128, "eos_token_id": 2}
+    config = PPLLaVAConfig(image_token_id=300, video_token_id=301, prompt_encoder_config=prompt_encoder_config)
     processor = PPLLaVAProcessor.from_config(config, tiny_tokenizer("vicuna"), tiny_prompt_tokenizer("vicuna"))
     assert processor.patch_grid == (24, 24)
     assert processor.num_video_tokens(32) == 1024

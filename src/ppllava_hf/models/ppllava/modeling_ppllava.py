@@ -28,6 +28,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
 from .configuration_ppllava import PPLLaVAConfig
+from .input_checks_ppllava import check_attended_rows, check_labels, check_pixel_values, check_token_ids
 from .token_counts_ppllava import (
     PoolingPlan,
     Triple,
@@ -826,6 +827,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
 
     def get_prompt_embeds(self, clip_input_ids: torch.LongTensor, clip_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One prompt embedding per row of `clip_input_ids` `(rows, prompt_dim)`, before normalisation."""
+        check_token_ids(
+            clip_input_ids, "clip_input_ids", self.config.prompt_encoder_config.vocab_size,
+            "prompt encoder's tokenizer (the processor's prompt_tokenizer)",
+        )
         return self.prompt_alignment.encode_prompt(clip_input_ids, clip_attention_mask)
 
     def _prompts_for_items(
@@ -880,15 +885,15 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             )
         return relevance[0], torch.cat(blocks, dim=1)[0]
 
-    @staticmethod
-    def _video_list(pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-        if isinstance(pixel_values_videos, torch.Tensor):
-            if pixel_values_videos.ndim != 5:
-                raise ValueError(
-                    f"pixel_values_videos must be (videos, frames, 3, height, width), got shape {tuple(pixel_values_videos.shape)}."
-                )
-            return list(pixel_values_videos)
-        return list(pixel_values_videos)
+    def _video_list(self, pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        if isinstance(pixel_values_videos, torch.Tensor) and pixel_values_videos.ndim != 5:
+            raise ValueError(
+                f"pixel_values_videos must be (videos, frames, 3, height, width), got shape {tuple(pixel_values_videos.shape)}."
+            )
+        videos = list(pixel_values_videos)
+        for video in videos:
+            check_pixel_values(video, "pixel_values_videos", self.config.vision_config.image_size)
+        return videos
 
     def get_video_features(
         self,
@@ -960,6 +965,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         config = self.config
         tile_size = config.vision_config.image_size
+        for image in pixel_values:
+            check_pixel_values(image, "pixel_values", tile_size)
         sizes = [tuple(int(v) for v in size) for size in image_sizes]
         tile_counts = [num_anyres_tiles(size, config.image_grid_pinpoints, tile_size) for size in sizes]
         tiles = [image[:count] for image, count in zip(pixel_values, tile_counts)]
@@ -1150,6 +1157,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         has_pixels = pixel_values is not None or pixel_values_videos is not None
         if has_pixels and mm_encoder_outputs is not None:
             raise ValueError("Pass either pixel inputs or mm_encoder_outputs, not both.")
+        if (input_ids if input_ids is not None else inputs_embeds).shape[1] > 1:  # a prompt, not a decoding step
+            if input_ids is not None:
+                vocab_size = self.get_input_embeddings().num_embeddings
+                check_token_ids(input_ids, "input_ids", vocab_size, "LLM tokenizer (the processor's tokenizer)")
+            check_attended_rows(attention_mask)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if has_pixels:
@@ -1320,6 +1332,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         >>> output = model.generate(**inputs, max_new_tokens=64)
         >>> processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         ```"""
+        if labels is not None:
+            check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1357,6 +1371,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         max_visual_tokens = kwargs.pop("max_visual_tokens", None)
         if inputs is None and "input_ids" in kwargs:
             inputs = kwargs.pop("input_ids")
+        check_attended_rows(kwargs.get("attention_mask"))
         inputs, kwargs = _move_right_padding_left(inputs, kwargs)
         if visual["pixel_values"] is not None or visual["pixel_values_videos"] is not None:
             if kwargs.get("mm_encoder_outputs") is not None:
