@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConversionError, VerificationError, OSError) as error:
         # Our own refusals, and the file system's (permissions, disk full): a message, not a traceback.
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error} Nothing was written to {args.output}.", file=sys.stderr)
         return 1
     if result.verification is not None:
         print(result.verification)

@@ -387,7 +387,7 @@ def write_weights(plan: WeightPlan, output_folder: str, dtype: torch.dtype | Non
         try:
             save_file(converted, target, metadata={"format": "pt"})
         except (SafetensorError, OSError) as error:
-            raise ConversionError(f"Writing {target} failed ({error}).") from error
+            raise ConversionError(f"Writing the weight file {name} failed ({error}).") from error
         weight_map.update(dict.fromkeys(converted, name))
         del converted
     if len(plan.names) > 1:

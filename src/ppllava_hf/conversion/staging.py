@@ -26,9 +26,13 @@ def check_free_space(folder: str, num_bytes: int) -> None:
     free = shutil.disk_usage(existing).free
     if free < num_bytes:
         raise ConversionError(
-            f"The converted checkpoint needs about {num_bytes / 2**30:.2f} GiB but {existing} has {free / 2**30:.2f} "
-            "GiB free; free some space or choose an --output on another disk."
+            f"The converted checkpoint needs about {_size(num_bytes)} but {existing} has {_size(free)} free; free some "
+            "space or choose an --output on another disk."
         )
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 @contextmanager

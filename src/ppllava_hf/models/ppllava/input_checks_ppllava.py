@@ -30,6 +30,15 @@ def check_pixel_values(pixels: torch.Tensor, name: str, image_size: int) -> None
     raise ValueError(f"{name} has shape {shape}, but each frame must be {expected} (channels, height, width): {fix}.")
 
 
+def check_pixel_batch(pixels: torch.Tensor | list[torch.Tensor], name: str, image_size: int) -> None:
+    """`check_pixel_values` for a batch given as one tensor, or as a list of tensors (named `name[i]`)."""
+    if isinstance(pixels, torch.Tensor):
+        check_pixel_values(pixels, name, image_size)
+        return
+    for index, item in enumerate(pixels):
+        check_pixel_values(item, f"{name}[{index}]", image_size)
+
+
 def check_token_ids(ids: torch.Tensor, name: str, vocab_size: int, tokenizer: str) -> None:
     """`ids` must be integer token ids below `vocab_size` (the embedding rows of the model part that reads them)."""
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:

@@ -28,7 +28,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
 from .configuration_ppllava import PPLLaVAConfig
-from .input_checks_ppllava import check_attended_rows, check_labels, check_pixel_values, check_token_ids
+from .input_checks_ppllava import check_attended_rows, check_labels, check_pixel_batch, check_token_ids
 from .token_counts_ppllava import (
     PoolingPlan,
     Triple,
@@ -890,10 +890,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             raise ValueError(
                 f"pixel_values_videos must be (videos, frames, 3, height, width), got shape {tuple(pixel_values_videos.shape)}."
             )
-        videos = list(pixel_values_videos)
-        for video in videos:
-            check_pixel_values(video, "pixel_values_videos", self.config.vision_config.image_size)
-        return videos
+        check_pixel_batch(pixel_values_videos, "pixel_values_videos", self.config.vision_config.image_size)
+        return list(pixel_values_videos)
 
     def get_video_features(
         self,
@@ -965,8 +963,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         config = self.config
         tile_size = config.vision_config.image_size
-        for image in pixel_values:
-            check_pixel_values(image, "pixel_values", tile_size)
+        check_pixel_batch(pixel_values, "pixel_values", tile_size)
         sizes = [tuple(int(v) for v in size) for size in image_sizes]
         tile_counts = [num_anyres_tiles(size, config.image_grid_pinpoints, tile_size) for size in sizes]
         tiles = [image[:count] for image, count in zip(pixel_values, tile_counts)]

@@ -189,6 +189,7 @@ class PyAVVideoReader:
         self.num_decoded_frames = 0
         self.frame_count_is_exact = bool(self._stream.frames)
         self.declared_duration = self._declared_stream_duration()
+        self.packets_end: float | None = None  # set by count_packets
         self.total_num_frames = self._stream.frames or self._estimated_frame_count() or self.count_packets()
         if self.total_num_frames < 1:
             self.close()
@@ -243,7 +244,9 @@ class PyAVVideoReader:
         """Why the file counts as truncated, or None: its frames (counted by `count_packets`) end more than two frames
         before the end its video stream declares. A length known only from the container (which also covers audio)
         or estimated (MPEG-TS) is no declaration: such a file is read as what it holds."""
-        if self.declared_duration is None or self.declared_duration - self.packets_end <= 2 / self.fps:
+        if self.declared_duration is None or self.packets_end is None:
+            return None
+        if self.declared_duration - self.packets_end <= 2 / self.fps:
             return None
         return (
             f"{self.path!r} is truncated: its video stream declares {self.declared_duration:.2f} s but its frames end at "
@@ -367,25 +370,37 @@ def decode_video(
     """
     if os.path.isdir(path):
         return read_frame_folder(path, num_frames, fps, start_time, end_time, folder_fps, max_frames)
+    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames)
     with PyAVVideoReader(path) as reader:
         if not reader.is_image:
-            return _decode_file(reader, num_frames, fps, start_time, end_time, max_frames)
+            return _decode_file(reader, sampling)
     path = os.fspath(path)
-    sampling = (num_frames, fps, start_time, end_time, max_frames)
-    return _read_frame_files([path], f"the image file {path!r}", None, "sample it by `num_frames`", *sampling)
+    return _read_frame_files([path], f"the image file {path!r}", None, "sample it by `num_frames`", sampling)
 
 
-def _decode_file(
-    reader: PyAVVideoReader,
-    num_frames: int | None,
-    fps: float | None,
-    start_time: float | None,
-    end_time: float | None,
-    max_frames: int | None,
-) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
-    sampling = (num_frames, fps, start_time, end_time, max_frames)
+@dataclass(frozen=True)
+class _Sampling:
+    """Which frames of a clip to take: the arguments of `sample_frame_indices` that do not depend on the video."""
+
+    num_frames: int | None
+    fps: float | None
+    start_time: float | None
+    end_time: float | None
+    max_frames: int | None
+
+    @property
+    def needs_rate(self) -> bool:
+        return self.fps is not None or self.start_time is not None or self.end_time is not None
+
+    def indices(self, total_num_frames: int, video_fps: float | None) -> list[int]:
+        return sample_frame_indices(
+            total_num_frames, self.num_frames, self.fps, video_fps, self.start_time, self.end_time, self.max_frames
+        )
+
+
+def _decode_file(reader: PyAVVideoReader, sampling: _Sampling) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
     try:
-        indices, frames, timestamps = _read_sampled(reader, *sampling)
+        indices, frames, timestamps = _read_sampled(reader, sampling)
     except _EndOfStream:
         # The stream ended before a frame its header promised: a truncated file when its video stream declares a
         # longer duration, else a length estimated from the container; then sample the frames it holds.
@@ -393,7 +408,7 @@ def _decode_file(
         problem = reader.truncation()
         if problem:
             raise VideoDecodingError(problem) from None
-        indices, frames, timestamps = _read_sampled(reader, *sampling)
+        indices, frames, timestamps = _read_sampled(reader, sampling)
     metadata = PPLLaVAVideoMetadata(
         total_num_frames=reader.total_num_frames,
         fps=reader.fps,
@@ -407,15 +422,8 @@ def _decode_file(
     return frames, metadata
 
 
-def _read_sampled(
-    reader: PyAVVideoReader,
-    num_frames: int | None,
-    fps: float | None,
-    start_time: float | None,
-    end_time: float | None,
-    max_frames: int | None,
-) -> tuple[list[int], np.ndarray, list[float]]:
-    indices = sample_frame_indices(reader.total_num_frames, num_frames, fps, reader.fps, start_time, end_time, max_frames)
+def _read_sampled(reader: PyAVVideoReader, sampling: _Sampling) -> tuple[list[int], np.ndarray, list[float]]:
+    indices = sampling.indices(reader.total_num_frames, reader.fps)
     frames, timestamps = reader.read(indices)
     return indices, frames, timestamps
 
@@ -465,40 +473,34 @@ def read_frame_folder(
     folder = os.fspath(folder)
     files = frame_folder_files(folder)
     if not files:
-        videos = sorted(name for name in _folder_names(folder) if name.lower().endswith(VIDEO_FILE_SUFFIXES))
-        hint = (
-            f" It holds video files ({', '.join(videos[:3])}{', ...' if len(videos) > 3 else ''}): pass each file as a "
-            "video of its own (videos=[path, ...])."
-            if videos else " Pass a folder of one image per frame, or a video file."
-        )
         raise VideoDecodingError(
             f"The folder {folder!r} holds no frame images ({', '.join(FRAME_IMAGE_SUFFIXES)}), so it is no frame "
-            f"folder.{hint}"
+            f"folder. {_what_to_pass_instead(folder)}"
         )
     rate_hint = "pass the rate its frames were extracted at, `folder_fps=...` (MVBench's frame folders: 3)"
-    sampling = (num_frames, fps, start_time, end_time, max_frames)
-    return _read_frame_files(files, f"the frame folder {folder!r}", folder_fps, rate_hint, *sampling)
+    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames)
+    return _read_frame_files(files, f"the frame folder {folder!r}", folder_fps, rate_hint, sampling)
+
+
+def _what_to_pass_instead(folder: str) -> str:
+    videos = sorted(name for name in _folder_names(folder) if name.lower().endswith(VIDEO_FILE_SUFFIXES))
+    if not videos:
+        return "Pass a folder of one image per frame, or a video file."
+    listed = ", ".join(videos[:3]) + (", ..." if len(videos) > 3 else "")
+    return f"It holds video files ({listed}): pass each file as a video of its own (videos=[path, ...])."
 
 
 def _read_frame_files(
-    files: list[str],
-    source: str,
-    frame_rate: float | None,
-    rate_hint: str,
-    num_frames: int | None,
-    fps: float | None,
-    start_time: float | None,
-    end_time: float | None,
-    max_frames: int | None,
+    files: list[str], source: str, frame_rate: float | None, rate_hint: str, sampling: _Sampling
 ) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
     """The sampled frames of a video given as one image file per frame (`source` names it in errors, `rate_hint` says
     how to give it a frame rate)."""
-    if not frame_rate and (fps is not None or start_time is not None or end_time is not None):
+    if not frame_rate and sampling.needs_rate:
         raise ValueError(
             f"Sampling {source} by `fps` or inside `start_time`/`end_time` needs a frame rate, which it does not "
             f"carry: {rate_hint}."
         )
-    indices = sample_frame_indices(len(files), num_frames, fps, frame_rate, start_time, end_time, max_frames)
+    indices = sampling.indices(len(files), frame_rate)
     read = {index: read_frame_image(files[index]) for index in sorted(set(indices))}
     sizes = {frame.shape for frame in read.values()}
     if len(sizes) > 1:
