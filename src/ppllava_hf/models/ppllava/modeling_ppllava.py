@@ -1156,7 +1156,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             raise ValueError("Pass either pixel inputs or mm_encoder_outputs, not both.")
         if (input_ids if input_ids is not None else inputs_embeds).shape[1] > 1:  # a prompt, not a decoding step
             if input_ids is not None:
-                vocab_size = self.get_input_embeddings().num_embeddings
+                vocab_size = self.config.text_config.vocab_size
                 check_token_ids(input_ids, "input_ids", vocab_size, "LLM tokenizer (the processor's tokenizer)")
             check_attended_rows(attention_mask)
         if inputs_embeds is None:
