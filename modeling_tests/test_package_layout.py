@@ -36,6 +36,7 @@ def test_the_model_folder_holds_only_the_remote_code_payload():
     assert names == {
         "__init__.py",
         "configuration_ppllava.py",
+        "input_checks_ppllava.py",
         "modeling_ppllava.py",
         "processing_ppllava.py",
         "token_counts_ppllava.py",
