@@ -43,6 +43,7 @@ from .rows import (
     BadRowError,
     VideoCheck,
     adds_special_tokens,
+    chat_messages,
     check_batch_lengths,
     check_length,
     content_blocks,
@@ -86,9 +87,9 @@ def _prompt_messages(prompt: Any) -> list[dict]:
     if isinstance(prompt, str):
         question = prompt.replace("<video>", "").replace("<image>", "").strip()
         return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    if not isinstance(prompt, list) or not prompt:
+    if not isinstance(prompt, list):
         raise BadRowError(f"its prompt must be a string or a list of messages, got {prompt!r}", kind="malformed")
-    messages = [{"role": message["role"], "content": content_blocks(message.get("content"))} for message in prompt]
+    messages = chat_messages(prompt, "prompt messages")
     media = [block["type"] for message in messages for block in message["content"] if block["type"] != "text"]
     if media and media != ["video"]:
         raise BadRowError(

@@ -43,9 +43,9 @@ from .common import PPLLaVAConfigMixin, PPLLaVATrainerMixin
 from .rows import (
     BadRowError,
     VideoCheck,
+    chat_messages,
     check_batch_lengths,
     check_length,
-    content_blocks,
     load_row_video,
     resolve_image,
     resolve_video,
@@ -60,10 +60,7 @@ _MEDIA = {"video": ("video", "videos", resolve_video), "image": ("image", "image
 def conversation_with_media(row: dict[str, Any], media_folder: str | None = None) -> list[dict]:
     """The row's conversation as chat messages whose every video / image block holds its file path or frames (the
     form `processor.apply_chat_template(tokenize=True)` reads). Raises `BadRowError` for a malformed row."""
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRowError(f"its messages must be a non-empty list of turns, got {messages!r}", kind="malformed")
-    messages = [{"role": message["role"], "content": content_blocks(message.get("content"))} for message in messages]
+    messages = chat_messages(row.get("messages"))
     if not any(message["role"] == "assistant" for message in messages):
         raise BadRowError("its conversation has no assistant turn to learn from", kind="no assistant turn")
     for modality, (single, several, resolve) in _MEDIA.items():
