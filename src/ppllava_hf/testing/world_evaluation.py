@@ -29,11 +29,13 @@ class WorldScores:
 
     Attributes:
         right: for each text question kind, one bool per question.
+        wrong: (question, world's answer, generated answer) of each wrong answer.
         moment_iou: one IoU per "when" question.
         ball_share, area_share: per "when" question, the relevance on the ball's patches and their share of all patches.
     """
 
     right: dict[str, list[bool]] = field(default_factory=lambda: {kind: [] for kind in TEXT_KINDS})
+    wrong: list[tuple[str, str, str]] = field(default_factory=list)
     moment_iou: list[float] = field(default_factory=list)
     ball_share: list[float] = field(default_factory=list)
     area_share: list[float] = field(default_factory=list)
@@ -104,7 +106,10 @@ def evaluate_on_world(
             asked = questions(clip, np.random.default_rng([question_seed, index]))
             text_questions = [question for question in asked if question.kind != "when"]
             for question, generated in zip(text_questions, _answers(model, processor, path, text_questions)):
-                scores.right[question.kind].append(answer_matches(generated, question.answer))
+                right = answer_matches(generated, question.answer)
+                scores.right[question.kind].append(right)
+                if not right:
+                    scores.wrong.append((question.text, question.answer, generated))
             for question in (question for question in asked if question.kind == "when"):
                 result = video_relevance(model, processor, path, question.text)
                 (ball,) = clip.balls_called(question.referent)
