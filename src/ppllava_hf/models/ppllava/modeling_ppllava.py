@@ -664,6 +664,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
     """PPLLaVA without its LM head: visual tokens pooled under the guidance of the prompt, scattered into the text."""
 
     # What transformers' quantizers (bitsandbytes 4/8-bit, ...) leave unquantized: everything but the language model.
+    # The list's other effect is transformers' own: a float16 (not bfloat16) load keeps these parts in float32.
     _keep_in_fp32_modules = ["vision_tower", "btadapter", "prompt_alignment", "multi_modal_projector"]
 
     def __init__(self, config: PPLLaVAConfig):
