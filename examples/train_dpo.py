@@ -20,7 +20,7 @@ The original ran this stage with DeepSpeed ZeRO-2:
 `accelerate launch --config_file <trl>/accelerate_configs/zero2.yaml examples/train_dpo.py ...`.
 """
 
-from training_script import print_by_step, run_training_script
+from training_script import build_trainer, print_by_step, train_and_save
 
 from ppllava_hf.training.dpo import PPLLaVADPOConfig, PPLLaVADPOTrainer
 
@@ -40,7 +40,7 @@ RECIPE = dict(
 
 
 def main() -> None:
-    trainer = run_training_script(PPLLaVADPOTrainer, PPLLaVADPOConfig, "preference", RECIPE, __doc__)
+    trainer = train_and_save(build_trainer(PPLLaVADPOTrainer, PPLLaVADPOConfig, "preference", RECIPE, __doc__))
     print_by_step(trainer, "rewards/margins", "Reward margin (chosen - rejected)")
 
 

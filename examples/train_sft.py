@@ -21,7 +21,7 @@ The original ran this stage with DeepSpeed ZeRO-3:
 `accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml examples/train_sft.py ...`.
 """
 
-from training_script import print_by_step, run_training_script
+from training_script import build_trainer, print_by_step, train_and_save
 
 from ppllava_hf.training.sft import PPLLaVASFTConfig, PPLLaVASFTTrainer
 
@@ -38,7 +38,7 @@ RECIPE = dict(
 
 
 def main() -> None:
-    trainer = run_training_script(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", RECIPE, __doc__)
+    trainer = train_and_save(build_trainer(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", RECIPE, __doc__))
     print_by_step(trainer, "loss", "Training loss")
 
 

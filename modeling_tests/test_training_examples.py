@@ -86,3 +86,8 @@ def test_the_defaults_are_the_released_recipe_and_flags_win(name, config_class, 
     from_file = parsed("--config", str(config), "--num_frames", "8")
     assert (from_file["learning_rate"], from_file["num_frames"]) == (3e-6, 8)
     assert from_file["lr_scheduler_type"] == real["lr_scheduler_type"]
+
+
+def test_a_quantized_base_without_lora_is_refused_with_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--load_in_4bit / --load_in_8bit .* add --use_peft"):
+        run_example("train_sft.py", monkeypatch, "--output_dir", str(tmp_path), "--load_in_4bit", "True")

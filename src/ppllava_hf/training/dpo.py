@@ -269,7 +269,9 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     if any(hasattr(param, "ds_id") for param in model.parameters()):
         raise ValueError(
             "The model's parameters are partitioned by DeepSpeed ZeRO-3 and cannot be copied into a reference model: "
-            "pass ref_model=AutoModelForImageTextToText.from_pretrained(...) or set precompute_ref_log_probs=True."
+            "pass ref_model=AutoModelForImageTextToText.from_pretrained(...), set precompute_ref_log_probs=True "
+            "(--precompute_ref_log_probs True in examples/train_dpo.py), or train LoRA adapters (--use_peft), whose "
+            "reference is the model with its adapters disabled."
         )
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)

@@ -664,6 +664,10 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
 class PPLLaVAModel(PPLLaVAPreTrainedModel):
     """PPLLaVA without its LM head: visual tokens pooled under the guidance of the prompt, scattered into the text."""
 
+    # What transformers' quantizers (bitsandbytes 4/8-bit, ...) leave unquantized: everything but the language model.
+    # The list's other effect is transformers' own: a float16 (not bfloat16) load keeps these parts in float32.
+    _keep_in_fp32_modules = ["vision_tower", "btadapter", "prompt_alignment", "multi_modal_projector"]
+
     def __init__(self, config: PPLLaVAConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -1255,6 +1259,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     """PPLLaVA with its LM head: video/image + text in, text out."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _keep_in_fp32_modules = [f"model.{name}" for name in PPLLaVAModel._keep_in_fp32_modules]
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: PPLLaVAConfig):
