@@ -399,6 +399,21 @@ def test_a_static_cache_generates_what_the_dynamic_cache_generates(tester):
     torch.testing.assert_close(greedy(tester.model, batch, cache_implementation="static"), greedy(tester.model, batch))
 
 
+def test_generate_returns_the_language_models_attentions_and_hidden_states_of_every_step(tester):
+    model = tester.fresh_model(attn_implementation="eager")
+    batch = tester.collate([tester.video_sample()])
+    output = model.generate(
+        **batch, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        output_attentions=True, output_hidden_states=True,
+    )
+    num_layers = model.config.text_config.num_hidden_layers
+    assert [len(step) for step in output.attentions] == [num_layers] * 3
+    assert [len(step) for step in output.hidden_states] == [num_layers + 1] * 3
+    prompt_length = batch["input_ids"].shape[1]
+    assert output.attentions[0][0].shape[-2:] == (prompt_length, prompt_length)
+    assert output.hidden_states[-1][-1].shape[1] == 1
+
+
 def test_a_decoding_step_compiles_as_one_graph_and_gives_the_eager_logits():
     """`_can_compile_fullgraph`: after prefill into a static cache, the step `generate` compiles is one graph."""
     tester = PPLLaVAModelTester("qwen")

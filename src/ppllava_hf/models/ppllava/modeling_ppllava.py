@@ -904,8 +904,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
@@ -928,7 +926,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         videos = self._video_list(pixel_values_videos)
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
-        output_hidden_states, output_attentions = self._vision_output_flags(output_hidden_states, output_attentions)
+        output_hidden_states, output_attentions = self._vision_output_flags(kwargs)
         encoded, tokens, relevance = [], [], []
         for video, prompt in zip(videos, prompts):
             plan = self.video_pooling_plan(video.shape[0], max_visual_tokens)
@@ -947,8 +945,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
@@ -972,7 +968,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         tile_counts = [num_anyres_tiles(size, config.image_grid_pinpoints, tile_size) for size in sizes]
         tiles = [image[:count] for image, count in zip(pixel_values, tile_counts)]
         prompts = self._prompts_for_items(len(tiles), "image", clip_input_ids, clip_attention_mask, prompt_embeds)
-        output_hidden_states, output_attentions = self._vision_output_flags(output_hidden_states, output_attentions)
+        output_hidden_states, output_attentions = self._vision_output_flags(kwargs)
         vision = self.encode_frames(torch.cat(tiles), [1] * sum(tile_counts), output_hidden_states, output_attentions)
         tokens, relevance = [], []
         for image_features, size, prompt in zip(vision.last_hidden_state.split(tile_counts), sizes, prompts):
@@ -984,8 +980,13 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         output = PPLLaVAVisualOutput(**vision, pooler_output=tokens, relevance=relevance)
         return self._return(output, return_dict)
 
-    def _vision_output_flags(self, output_hidden_states: bool | None, output_attentions: bool | None) -> tuple[bool, bool]:
-        """The requested vision outputs, defaulting to the config's settings as transformers models do."""
+    def _vision_output_flags(self, kwargs: dict) -> tuple[bool, bool]:
+        """The requested vision outputs (`output_hidden_states` / `output_attentions` in the keyword arguments),
+        defaulting to the config's settings as transformers models do. They stay keyword arguments, not named
+        parameters: `generate` removes from its model kwargs every named parameter of `get_*_features`, which would take
+        them away from the language model's forward."""
+        output_hidden_states = kwargs.get("output_hidden_states")
+        output_attentions = kwargs.get("output_attentions")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if output_attentions is None:
