@@ -451,6 +451,21 @@ def test_visual_encoders_run_once_per_generate_even_with_beams(tester):
     assert poolings == [1, 1]
 
 
+def test_an_assistant_model_drafts_from_the_visual_tokens_and_greedy_tokens_stay_the_same(tester):
+    assistant = tester.fresh_model()
+    visual_calls = []
+    handle = assistant.register_forward_pre_hook(
+        lambda _, args, kwargs: visual_calls.append(kwargs.get("mm_encoder_outputs") is not None), with_kwargs=True
+    )
+    batch = tester.collate([tester.video_sample()])
+    try:
+        assisted = greedy(tester.model, batch, assistant_model=assistant)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(assisted, greedy(tester.model, batch))
+    assert visual_calls[0] and not any(visual_calls[1:])  # the prompt with its video, then text-only drafting steps
+
+
 def test_sampling_and_beam_search_return_the_requested_sequences(tester):
     batch = tester.collate([tester.video_sample()])
     sampled = tester.model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5, num_return_sequences=3, pad_token_id=0)

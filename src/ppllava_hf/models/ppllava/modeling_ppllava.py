@@ -1,5 +1,6 @@
 """PPLLaVA models: vision tower (+ BT-Adapter), vision-prompt alignment, prompt-guided pooling, projector and a causal LM."""
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -1384,6 +1385,23 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
                 **visual,
             )
         return super().generate(inputs, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        """[`GenerationMixin.prepare_inputs_for_generation`], with the visual tokens handed to every forward whose input
+        ids still hold placeholders. transformers passes them only on the first iteration, but an assistant model's
+        first call (assisted decoding) is not one, although it starts without a cache and reads the whole prompt."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        visual = kwargs.get("mm_encoder_outputs")
+        window = model_inputs.get("input_ids")
+        if visual and "mm_encoder_outputs" not in model_inputs and window is not None:
+            placeholders = torch.isin(window, torch.tensor([self.config.image_token_id, self.config.video_token_id]))
+            if bool(placeholders.any()):
+                model_inputs["mm_encoder_outputs"] = visual
+        return model_inputs
+
+    # generate checks its keyword arguments against this method's signature: declare the inherited one, so the cache
+    # keeps whichever name the installed transformers gives it (`past_key_values` up to 5.23, `cache` from 5.24).
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
 
 def _move_right_padding_left(input_ids: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, dict]:
