@@ -576,10 +576,15 @@ class PPLLaVAModelOutputWithPast(BaseModelOutputWithPast):
         `(num_image_tokens, hidden_size)`: the visual tokens scattered into the image placeholders.
     video_hidden_states (`torch.Tensor`, *optional*):
         `(num_video_tokens, hidden_size)`: the visual tokens scattered into the video placeholders.
+    image_outputs, video_outputs ([`PPLLaVAVisualOutput`], *optional*):
+        The encoder output whose tokens were scattered in (`pooler_output`, `relevance`, and the vision tower's
+        `hidden_states` / `attentions` when requested), as transformers' multimodal outputs carry it.
     """
 
     image_hidden_states: torch.Tensor | None = None
     video_hidden_states: torch.Tensor | None = None
+    image_outputs: PPLLaVAVisualOutput | None = None
+    video_outputs: PPLLaVAVisualOutput | None = None
 
 
 @dataclass
@@ -588,10 +593,13 @@ class PPLLaVACausalLMOutputWithPast(CausalLMOutputWithPast):
     transformers' causal-LM output (loss, logits, cache, hidden states, attentions), and:
 
     image_hidden_states, video_hidden_states (`torch.Tensor`, *optional*): the visual tokens that were scattered in.
+    image_outputs, video_outputs ([`PPLLaVAVisualOutput`], *optional*): the encoder outputs they came from.
     """
 
     image_hidden_states: torch.Tensor | None = None
     video_hidden_states: torch.Tensor | None = None
+    image_outputs: PPLLaVAVisualOutput | None = None
+    video_outputs: PPLLaVAVisualOutput | None = None
 
 
 class PPLLaVAMultiModalProjector(nn.Module):
@@ -1052,12 +1060,15 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> dict[str, PPLLaVAVisualOutput]:
         """Visual tokens of every image and video of a batch, each pooled by the prompt of the sample it belongs to.
 
         The owner of each image/video is read from the placeholders in `input_ids` (or `inputs_embeds`); the prompt
         encoder runs once per sample, and identical items with identical prompts (a preference pair's chosen and
-        rejected rows, say) are encoded once. The result is what `forward(mm_encoder_outputs=...)` takes.
+        rejected rows, say) are encoded once, unless `output_hidden_states` / `output_attentions` ask for the vision
+        tower's outputs, which then cover every item in order. The result is what `forward(mm_encoder_outputs=...)`
+        takes.
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("encode_multimodal needs input_ids or inputs_embeds to find the placeholders.")
@@ -1073,6 +1084,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 "pooling prompt per sample."
             )
         prompt_embeds = self.get_prompt_embeds(clip_input_ids, clip_attention_mask)
+        tower_outputs = {key: True for key in ("output_hidden_states", "output_attentions") if kwargs.get(key)}
+        deduplicate = not tower_outputs
         prompt_keys = clip_input_ids if clip_attention_mask is None else torch.cat([clip_input_ids, clip_attention_mask], -1)
         outputs = {}
         if pixel_values is not None:
@@ -1090,7 +1103,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                     image_sizes[unique],
                     prompt_embeds=prompt_embeds[rows[unique]],
                     return_dict=True,
+                    **tower_outputs,
                 ),
+                deduplicate,
             )
         if pixel_values_videos is not None:
             videos = self._video_list(pixel_values_videos)
@@ -1105,7 +1120,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                     prompt_embeds=prompt_embeds[rows[unique]],
                     max_visual_tokens=max_visual_tokens,
                     return_dict=True,
+                    **tower_outputs,
                 ),
+                deduplicate,
             )
         return outputs
 
@@ -1168,17 +1185,19 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if has_pixels:
+            tower_outputs = {key: kwargs[key] for key in ("output_hidden_states", "output_attentions") if key in kwargs}
             mm_encoder_outputs = self.encode_multimodal(
                 input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos,
-                clip_input_ids, clip_attention_mask, max_visual_tokens,
+                clip_input_ids, clip_attention_mask, max_visual_tokens, **tower_outputs,
             )
-        hidden = {}
+        hidden, used = {}, {}
         for modality, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
             encoded = (mm_encoder_outputs or {}).get(modality)
             if encoded is not None:
                 mask = self._placeholder_mask(token_id, input_ids, inputs_embeds)
                 if bool(mask.any()):
                     inputs_embeds, hidden[modality] = self._scatter(inputs_embeds, mask, encoded.pooler_output, modality)
+                    used[modality] = encoded
             elif inputs_embeds.shape[1] > 1 and not torch.compiler.is_compiling():
                 # Decoding steps carry no placeholders; a prompt's placeholders with nothing to fill them would make
                 # the model answer from the placeholder embeddings.
@@ -1197,7 +1216,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             **kwargs,
         )
         output = PPLLaVAModelOutputWithPast(
-            **outputs, image_hidden_states=hidden.get("image"), video_hidden_states=hidden.get("video")
+            **outputs,
+            image_hidden_states=hidden.get("image"),
+            video_hidden_states=hidden.get("video"),
+            image_outputs=used.get("image"),
+            video_outputs=used.get("video"),
         )
         return self._return(output, return_dict)
 
@@ -1213,8 +1236,13 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             )
 
 
-def _encode_once_each(items: list[torch.Tensor], keys: torch.Tensor, encode) -> PPLLaVAVisualOutput:
-    """Encode each distinct (pixels, key) item once and hand its tokens to every duplicate, in the original order."""
+def _encode_once_each(
+    items: list[torch.Tensor], keys: torch.Tensor, encode, deduplicate: bool = True
+) -> PPLLaVAVisualOutput:
+    """Encode each distinct (pixels, key) item once and hand its tokens to every duplicate, in the original order
+    (with `deduplicate=False`, encode every item: the output then keeps every field of `encode`'s)."""
+    if not deduplicate:
+        return encode(list(range(len(items))))
     representative = []
     for index, (item, key) in enumerate(zip(items, keys)):
         match = next(
