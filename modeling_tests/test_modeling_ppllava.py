@@ -578,6 +578,16 @@ def test_sdpa_is_the_default_and_eager_gives_the_same_logits(tester):
         torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-5, rtol=1e-4)
 
 
+def test_the_modules_kept_out_of_quantization_are_the_visual_parts_the_layout_has(tester):
+    model = tester.model
+    assert model.model._keep_in_fp32_modules == {"vision_tower", "prompt_alignment", "multi_modal_projector"} | (
+        {"btadapter"} if tester.config.use_btadapter else set()
+    )
+    keys = model.state_dict().keys()
+    for name in model._keep_in_fp32_modules:
+        assert any(key.startswith(f"{name}.") or f".{name}." in key for key in keys), name
+
+
 def test_every_weight_is_initialised(tester):
     model = PPLLaVAForConditionalGeneration(copy.deepcopy(tester.config))
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):

@@ -691,6 +691,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         self.multi_modal_projector = PPLLaVAMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = AutoModel.from_config(config.text_config)
+        # Only the parts this layout has (the SigLIP/Qwen layout has no BT-Adapter): transformers checks every name.
+        self._keep_in_fp32_modules = [name for name in self._keep_in_fp32_modules if getattr(self, name) is not None]
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1296,6 +1298,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = PPLLaVAModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self._keep_in_fp32_modules = [f"model.{name}" for name in self.model._keep_in_fp32_modules]
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
