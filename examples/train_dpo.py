@@ -12,22 +12,17 @@ most, and only the language model learning (--freezing_preset dpo).
     # The same with LoRA on the language model (the original's LoRA rank and alpha):
     ... --use_peft --lora_r 64 --lora_alpha 16
 
-    # Under a minute on a CPU: a tiny random PPLLaVA and a tiny synthetic preference set ("What color is the video?",
-    # the true colour chosen). Without --model_name_or_path the defaults change so that learning shows in a few steps:
-    # learning rate 1e-3, 4 frames, batch size 2, logging every step, no bf16, no gradient checkpointing, one thread.
+    # Under a minute on a CPU, a tiny random PPLLaVA and a tiny synthetic preference set ("What color is the video?",
+    # the true colour chosen; the tiny-demo defaults are listed below):
     python examples/train_dpo.py --output_dir /tmp/ppllava-dpo-tiny
 
-It prints the trainable parameters per part at the start and saves the model, its processor and trainer_state.json
-(with the log history) to --output_dir; with LoRA the adapter alone goes to <output_dir>/adapter and the saved model
-has it merged. Several GPUs or DeepSpeed: launch with the configs trl ships in trl/accelerate_configs/ (multi_gpu,
-zero1-3, fsdp1-2), e.g. `accelerate launch --config_file <trl>/accelerate_configs/zero2.yaml examples/train_dpo.py ...`
-(the original ran this stage with DeepSpeed ZeRO-2).
+The original ran this stage with DeepSpeed ZeRO-2:
+`accelerate launch --config_file <trl>/accelerate_configs/zero2.yaml examples/train_dpo.py ...`.
 """
 
-from trl import DPOConfig
+from training_script import build_trainer, print_by_step, train_and_save
 
-from ppllava_hf.training.common import run_training_script
-from ppllava_hf.training.dpo import PPLLaVADPOTrainer
+from ppllava_hf.training.dpo import PPLLaVADPOConfig, PPLLaVADPOTrainer
 
 
 RECIPE = dict(
@@ -42,10 +37,11 @@ RECIPE = dict(
     num_frames=32,
     freezing_preset="dpo",
 )
+
+
 def main() -> None:
-    trainer = run_training_script(PPLLaVADPOTrainer, DPOConfig, "preference", RECIPE, __doc__)
-    values = [(log["step"], log["rewards/margins"]) for log in trainer.state.log_history if "rewards/margins" in log]
-    print("Reward margin (chosen - rejected) by step: " + ", ".join(f"{step}: {value:.3f}" for step, value in values))
+    trainer = train_and_save(build_trainer(PPLLaVADPOTrainer, PPLLaVADPOConfig, "preference", RECIPE, __doc__))
+    print_by_step(trainer, "rewards/margins", "Reward margin (chosen - rejected)")
 
 
 if __name__ == "__main__":

@@ -13,22 +13,17 @@ original runs it without gradient).
     # LoRA on the language model instead (the vision side then stays frozen unless --lora_modules_to_save names it):
     ... --use_peft --lora_r 64 --lora_alpha 16
 
-    # Under a minute on a CPU: a tiny random PPLLaVA and a tiny synthetic set of video conversations ("What color is
-    # the video?"). Without --model_name_or_path the defaults change so that the loss visibly falls in a few steps:
-    # learning rate 1e-3, 4 frames, batch size 2, logging every step, no bf16, no gradient checkpointing, one thread.
+    # Under a minute on a CPU, a tiny random PPLLaVA and a tiny synthetic set of video conversations ("What color is
+    # the video?"; the tiny-demo defaults are listed below):
     python examples/train_sft.py --output_dir /tmp/ppllava-sft-tiny
 
-It prints the trainable parameters per part at the start and saves the model, its processor and trainer_state.json
-(with the log history) to --output_dir; with LoRA the adapter alone goes to <output_dir>/adapter and the saved model
-has it merged. Several GPUs or DeepSpeed: launch with the configs trl ships in trl/accelerate_configs/ (multi_gpu,
-zero1-3, fsdp1-2), e.g. `accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml examples/train_sft.py ...`
-(the original ran this stage with DeepSpeed ZeRO-3).
+The original ran this stage with DeepSpeed ZeRO-3:
+`accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml examples/train_sft.py ...`.
 """
 
-from trl import SFTConfig
+from training_script import build_trainer, print_by_step, train_and_save
 
-from ppllava_hf.training.common import run_training_script
-from ppllava_hf.training.sft import PPLLaVASFTTrainer
+from ppllava_hf.training.sft import PPLLaVASFTConfig, PPLLaVASFTTrainer
 
 
 RECIPE = dict(
@@ -40,10 +35,11 @@ RECIPE = dict(
     num_frames=32,
     freezing_preset="sft",
 )
+
+
 def main() -> None:
-    trainer = run_training_script(PPLLaVASFTTrainer, SFTConfig, "sft", RECIPE, __doc__)
-    values = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
-    print("Training loss by step: " + ", ".join(f"{step}: {value:.3f}" for step, value in values))
+    trainer = train_and_save(build_trainer(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", RECIPE, __doc__))
+    print_by_step(trainer, "loss", "Training loss")
 
 
 if __name__ == "__main__":

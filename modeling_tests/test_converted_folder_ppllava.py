@@ -282,9 +282,9 @@ def test_a_clip_weight_recorded_as_a_foreign_path_asks_for_the_prompt_encoder(tm
         convert_checkpoint(str(folder), str(tmp_path / "converted"))
 
 
-def test_neither_a_folder_nor_a_hub_path_is_refused(tmp_path):
+def test_neither_a_folder_nor_a_hub_path_is_refused():
     with pytest.raises(ConversionError, match="neither a local folder nor a Hub path"):
-        OriginalCheckpoint.resolve(str(tmp_path / "missing"))
+        OriginalCheckpoint.resolve("ppllava_vicuna7b_image_video")
 
 
 def test_cli_converts_verifies_and_pushes(fake_hub, monkeypatch, tmp_path, capsys):
@@ -320,6 +320,7 @@ def test_cli_fails_when_the_reference_outputs_do_not_match(tmp_path, capsys):
     arguments = ["--input", str(CHECKPOINT), "--output", str(tmp_path / "converted"), "--reference-outputs", str(reference)]
     assert _load_cli().main(arguments) == 1
     assert "FAIL image.logits" in capsys.readouterr().err
+    assert not (tmp_path / "converted").exists()  # a conversion that fails verification leaves nothing
 
 
 # ---------------------------------------------------------------------------------------------------------------------

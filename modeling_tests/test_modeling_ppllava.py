@@ -231,6 +231,77 @@ def test_placeholders_with_nothing_to_fill_them_are_refused(tester, modality):
         tester.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
+@pytest.mark.parametrize("modality", ["video", "image"])
+def test_placeholders_in_inputs_embeds_with_nothing_to_fill_them_are_refused(tester, modality):
+    sample = tester.video_sample() if modality == "video" else tester.image_sample()
+    batch = tester.collate([sample])
+    inputs_embeds = tester.model.get_input_embeddings()(batch["input_ids"])
+    with pytest.raises(ValueError, match=f"{modality} placeholder tokens but no {modality} to fill them"):
+        tester.model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs: refused where they enter, naming the argument and the fix
+
+
+@pytest.mark.parametrize("modality", ["video", "image"])
+def test_integer_pixels_are_refused_instead_of_run_as_if_normalised(tester, modality):
+    batch = tester.collate([tester.video_sample() if modality == "video" else tester.image_sample()])
+    key = "pixel_values_videos" if modality == "video" else "pixel_values"
+    batch[key] = (batch[key].clamp(0, 1) * 255).to(torch.uint8)
+    with pytest.raises(ValueError, match=rf"{key}(\[0\])? has dtype torch.uint8, but the model takes normalised float pixels"):
+        tester.model(**batch)
+
+
+def test_channels_last_videos_are_refused_naming_the_permute(tester):
+    batch = tester.collate([tester.video_sample()])
+    batch["pixel_values_videos"] = batch["pixel_values_videos"].permute(0, 1, 3, 4, 2)
+    with pytest.raises(ValueError, match=r"looks channels-last .* pixel_values_videos.permute\(0, 1, 4, 2, 3\)"):
+        tester.model(**batch)
+    with pytest.raises(ValueError, match="looks channels-last"):
+        tester.model.get_video_relevance(batch["pixel_values_videos"], batch["clip_input_ids"])
+
+
+@pytest.mark.parametrize("problem", ["out of vocabulary", "negative", "float"])
+def test_bad_clip_input_ids_name_the_argument_and_the_prompt_vocabulary(tester, problem):
+    batch = tester.collate([tester.video_sample()])
+    vocab = tester.config.prompt_encoder_config.vocab_size
+    if problem == "out of vocabulary":
+        batch["clip_input_ids"][0, 3] = vocab + 5  # e.g. LLM ids fed to the prompt encoder
+        message = f"clip_input_ids holds ids from .* to {vocab + 5}, but the vocabulary has {vocab} tokens"
+    elif problem == "negative":
+        batch["clip_input_ids"][0, 3] = -1
+        message = f"clip_input_ids holds ids from -1 .* the vocabulary has {vocab} tokens"
+    else:
+        batch["clip_input_ids"] = batch["clip_input_ids"].float()
+        message = "clip_input_ids has dtype torch.float32, but token ids are integers"
+    with pytest.raises(ValueError, match=message):
+        tester.model(**batch)
+
+
+def test_input_ids_beyond_the_llm_vocabulary_are_refused(tester):
+    batch = tester.collate([tester.text_sample()])
+    batch["input_ids"][0, 2] = tester.config.text_config.vocab_size
+    with pytest.raises(ValueError, match=f"input_ids holds ids .* but the vocabulary has {tester.config.text_config.vocab_size}"):
+        tester.model(**batch)
+
+
+def test_a_batch_row_with_an_all_zero_attention_mask_is_refused(tester):
+    batch = tester.collate([tester.text_sample(), tester.text_sample()], padding_side="right")
+    batch["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match=r"Row\(s\) \[1\] of attention_mask are all zeros"):
+        tester.model(**batch)
+    with pytest.raises(ValueError, match=r"Row\(s\) \[1\] of attention_mask are all zeros"):
+        tester.model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_labels_of_the_unexpanded_text_are_refused_naming_the_expanded_input_ids(tester):
+    batch = tester.collate([tester.video_sample()])
+    unexpanded = torch.tensor([[1, 5, 6, tester.config.video_token_id, 7, 8]])
+    with pytest.raises(ValueError, match=r"labels has shape \(1, 6\) but the inputs \(1, \d+\): build the labels from"):
+        tester.model(**batch, labels=unexpanded)
+
+
 def test_outputs_carry_the_language_models_cache_under_the_installed_name(tester):
     """The output classes come from transformers' own, so the cache field is named as the installed release names it
     (`past_key_values` up to 5.23, `cache` from 5.24) and `generate` finds it."""
@@ -326,6 +397,21 @@ def test_right_padded_batch_generates_the_same_tokens(tester):
 def test_a_static_cache_generates_what_the_dynamic_cache_generates(tester):
     batch = tester.collate([tester.video_sample(), tester.image_sample()], padding_side="left")
     torch.testing.assert_close(greedy(tester.model, batch, cache_implementation="static"), greedy(tester.model, batch))
+
+
+def test_generate_returns_the_language_models_attentions_and_hidden_states_of_every_step(tester):
+    model = tester.fresh_model(attn_implementation="eager")
+    batch = tester.collate([tester.video_sample()])
+    output = model.generate(
+        **batch, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        output_attentions=True, output_hidden_states=True,
+    )
+    num_layers = model.config.text_config.num_hidden_layers
+    assert [len(step) for step in output.attentions] == [num_layers] * 3
+    assert [len(step) for step in output.hidden_states] == [num_layers + 1] * 3
+    prompt_length = batch["input_ids"].shape[1]
+    assert output.attentions[0][0].shape[-2:] == (prompt_length, prompt_length)
+    assert output.hidden_states[-1][-1].shape[1] == 1
 
 
 def test_a_decoding_step_compiles_as_one_graph_and_gives_the_eager_logits():

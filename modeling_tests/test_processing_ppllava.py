@@ -2,6 +2,7 @@
 save/load. The tiny models of both layouts run on the processor's output."""
 
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -54,7 +55,9 @@ def decode_prompt(processor, row) -> str:
 
 
 def test_32_frames_of_24x24_patches_with_the_233_kernel_expand_to_1024_tokens():
-    config = PPLLaVAConfig(image_token_id=300, video_token_id=301)
+    # The default (CLIP ViT-L/14-336) sizes, with the vocabulary of the tiny prompt tokenizer.
+    prompt_encoder_config = {**PPLLaVAConfig().prompt_encoder_config.to_dict(), "vocab_size": 128, "eos_token_id": 2}
+    config = PPLLaVAConfig(image_token_id=300, video_token_id=301, prompt_encoder_config=prompt_encoder_config)
     processor = PPLLaVAProcessor.from_config(config, tiny_tokenizer("vicuna"), tiny_prompt_tokenizer("vicuna"))
     assert processor.patch_grid == (24, 24)
     assert processor.num_video_tokens(32) == 1024
@@ -327,6 +330,30 @@ def test_save_and_load_through_auto_processor(layout, tmp_path, clips):
     assert set(before) == set(after)
     for key in before:
         torch.testing.assert_close(before[key], after[key])
+
+
+def test_a_folder_without_its_prompt_tokenizer_is_refused_on_load(tmp_path):
+    """transformers falls back to the root folder's (LLM) tokenizer when `prompt_tokenizer/` is missing; its ids would
+    index the prompt encoder's embeddings and silently pool wrongly."""
+    tiny_processor("vicuna").save_pretrained(tmp_path)
+    shutil.rmtree(tmp_path / "prompt_tokenizer")
+    with pytest.raises(ValueError, match="is the LLM tokenizer: the folder has no prompt_tokenizer/ subfolder"):
+        AutoProcessor.from_pretrained(tmp_path)
+
+
+def test_a_processor_folder_is_checked_against_the_model_config_beside_it_on_load(tmp_path):
+    tiny_processor("vicuna").save_pretrained(tmp_path)
+    tiny_config("vicuna", video_pooling_output_size=[2, 2, 2]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"does not match the model config: video_pooling_output_size"):
+        AutoProcessor.from_pretrained(tmp_path)
+
+
+def test_a_prompt_tokenizer_that_is_not_the_prompt_encoders_is_refused():
+    """The LLM tokenizer fits inside a larger CLIP vocabulary (32,000 < 49,408), but CLIP pools at its end-of-text
+    token, which the LLM tokenizer does not end prompts with."""
+    config = tiny_config("vicuna", prompt_vocab_size=512)
+    with pytest.raises(ValueError, match=r"the prompt tokenizer ends a prompt with id 2, but the CLIP prompt encoder pools"):
+        PPLLaVAProcessor.from_config(config, tiny_tokenizer("vicuna"), tiny_tokenizer("vicuna"))
 
 
 def test_a_processor_that_disagrees_with_the_config_is_refused():

@@ -3,6 +3,7 @@ the expanded visual tokens and are never truncated, and both row formats (string
 
 import logging
 import os
+import re
 from functools import partial
 
 import numpy as np
@@ -10,7 +11,6 @@ import pytest
 import torch
 from datasets import Dataset
 from training_tester import NUM_FRAMES, cpu_args, single_threaded, tiny_model_and_processor  # noqa: F401
-from trl import DPOConfig
 from video_test_files import write_video
 
 from ppllava_hf.testing.tiny_training_data import (
@@ -21,6 +21,7 @@ from ppllava_hf.testing.tiny_training_data import (
     write_color_videos,
 )
 from ppllava_hf.training.dpo import (
+    PPLLaVADPOConfig,
     PPLLaVADPOTrainer,
     PPLLaVAPreferenceCollator,
     check_preference_row,
@@ -146,19 +147,21 @@ def test_the_trainer_drops_bad_rows_before_training_and_lists_them(media, tmp_pa
     model, processor = tiny_model_and_processor()
     trainer = PPLLaVADPOTrainer(
         model,
-        args=cpu_args(DPOConfig, tmp_path, max_length=128),
+        args=cpu_args(PPLLaVADPOConfig, tmp_path, max_length=128, media_folder=folder),
         train_dataset=Dataset.from_list(bad_preference_rows(videos)),
         eval_dataset=Dataset.from_list(bad_preference_rows(videos)[:2]),
         processing_class=processor,
-        media_folder=folder,
     )
     assert len(trainer.train_dataset) == 2 and len(trainer.eval_dataset) == 1
     assert [(row.dataset, row.index) for row in trainer.skipped_rows] == [
         ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 1)
     ]
     with pytest.raises(ValueError, match="on_bad_row"):
-        PPLLaVADPOTrainer(model, args=cpu_args(DPOConfig, tmp_path), train_dataset=trainer.train_dataset,
-                          processing_class=processor, on_bad_row="ignore")
+        cpu_args(PPLLaVADPOConfig, tmp_path, on_bad_row="ignore")
+    # A dataset given to evaluate() is checked the same way.
+    metrics = trainer.evaluate(Dataset.from_list(bad_preference_rows(videos)[2:]), metric_key_prefix="test")
+    assert "test_loss" in metrics
+    assert [(row.dataset, row.index) for row in trainer.skipped_rows[5:]] == [("test", 0), ("test", 1), ("test", 2)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -229,7 +232,7 @@ def test_videos_fill_the_conversation_in_order_from_paths_or_frames(media):
     conversation = conversation_with_media(row, folder)
     videos = [block["video"] for message in conversation for block in message["content"] if block["type"] == "video"]
     assert videos[:2] == [os.path.join(folder, "red.mp4"), "/abs/green.mp4"]
-    assert videos[2].dtype == np.uint8 and np.array_equal(videos[2], frames)
+    assert np.issubdtype(videos[2].dtype, np.integer) and np.array_equal(videos[2], frames)  # values kept as given
     messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
     simple = conversation_with_media({"messages": messages, "video": "red.mp4"}, folder)
     video_first = [{"type": "video", "video": os.path.join(folder, "red.mp4")}, {"type": "text", "text": "Q?"}]
@@ -247,3 +250,53 @@ def test_rows_with_frames_instead_of_files_train_the_same_way(media, processor):
     reference = PPLLaVAPreferenceCollator(processor, folder)([from_file])
     assert batch["pixel_values_videos"].shape == reference["pixel_values_videos"].shape
     assert torch.equal(batch["input_ids"], reference["input_ids"])
+
+
+SHAREGPT_TURNS = [{"from": "human", "value": "Which colour is the video?"}, {"from": "gpt", "value": "Red."}]
+
+
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        (SHAREGPT_TURNS, "ShareGPT form"),
+        ([{"role": "user", "content": [{"text": "Which colour?"}]}, {"role": "assistant", "content": "Red."}],
+         "needs a 'type'"),
+        ([{"content": "Which colour?"}, {"role": "assistant", "content": "Red."}], "needs a 'role'"),
+        ([{"role": "user", "content": [{"type": "text"}]}, {"role": "assistant", "content": "Red."}],
+         "a text block needs its 'text'"),
+        ("USER: Which colour? ASSISTANT: Red.", "must be a non-empty list of turns"),
+    ],
+)
+def test_a_malformed_conversation_is_a_bad_row_saying_what_to_fix(media, processor, messages, problem):
+    folder, videos = media
+    row = {"messages": messages, "video": tiny_sft_rows(videos, 1)[0]["video"]}
+    with pytest.raises(BadRowError, match=re.escape(problem)) as caught:
+        check_conversation_row(row, processor, media_folder=folder, max_length=512)
+    assert caught.value.kind == "malformed"
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_sharegpt_rows_are_named_counted_and_skipped_or_refused(media, processor, policy):
+    folder, videos = media
+    rows = tiny_sft_rows(videos, 3)
+    rows[1] = {**rows[1], "messages": None, "conversations": SHAREGPT_TURNS}
+    rows[2] = {**rows[2], "messages": [{"role": None, "content": None, "from": "human", "value": "Which colour?"}]}
+    if policy == "raise":
+        with pytest.raises(BadRowError, match="2 of 3 train rows cannot be trained on"):
+            check(processor, folder, rows, on_bad_row="raise", check_row=check_conversation_row)
+        return
+    dataset, skipped = check(processor, folder, rows, check_row=check_conversation_row)
+    assert dataset["row_index"] == [0]
+    assert [(row.index, row.kind) for row in skipped] == [(1, "malformed"), (2, "malformed")]
+    assert "ShareGPT form" in skipped[1].reason
+
+
+def test_float_frames_in_a_row_train_like_the_same_frames_in_uint8(media, processor):
+    """Frames in [0, 1] are the processor's to convert; they never become black uint8 video."""
+    folder, videos = media
+    row = tiny_preference_rows(videos, 1)[0]
+    frames = color_frames("red", NUM_FRAMES)
+    as_uint8 = PPLLaVAPreferenceCollator(processor)([{**row, "video": frames}])
+    as_float = PPLLaVAPreferenceCollator(processor)([{**row, "video": (frames / 255.0).tolist()}])
+    torch.testing.assert_close(as_float["pixel_values_videos"], as_uint8["pixel_values_videos"])
+    assert float(as_float["pixel_values_videos"].std()) > 0

@@ -3,14 +3,17 @@ margin rising, only the trained parameters changing, and the three kinds of refe
 disabled, precomputed log-probs). Saving: LoRA adapters reload to the same logits, merged and unmerged agree, and the
 saved folders load with the Auto classes."""
 
+import inspect
 import statistics
 
 import pytest
 import torch
+from datasets import Dataset
 from model_tester import record_calls
 from peft import PeftModel
 from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
     NUM_FRAMES,
+    cpu_args,
     logged,
     single_threaded,
     snapshot,
@@ -18,12 +21,12 @@ from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
     tiny_trainer,
 )
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from trl import DPOConfig
-from trl.trainer.utils import add_fused_lm_head
+from trl import DPOTrainer
+from trl.trainer import add_fused_lm_head
 
 from ppllava_hf.testing.tiny_training_data import tiny_preference_rows, write_color_videos
 from ppllava_hf.training.common import ADAPTER_FOLDER, language_model_lora_config, save_trained_model
-from ppllava_hf.training.dpo import PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, frozen_copy
+from ppllava_hf.training.dpo import PPLLaVADPOConfig, PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, frozen_copy
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def media(tmp_path_factory):
 def train(media, output_dir, **options):
     """A DPO run of 8 steps (2 epochs of 8 pairs) on the colour set, the released "dpo" preset applied first."""
     folder, rows = media
-    trainer, before = tiny_trainer(PPLLaVADPOTrainer, DPOConfig, "dpo", rows, folder, output_dir, **options)
+    trainer, before = tiny_trainer(PPLLaVADPOTrainer, PPLLaVADPOConfig, "dpo", rows, folder, output_dir, **options)
     reference = snapshot(trainer.ref_model) if trainer.ref_model is not None else None
     trainer.train()
     return trainer, before, reference
@@ -52,7 +55,7 @@ def lora_run(media, tmp_path_factory):
         media,
         tmp_path_factory.mktemp("dpo-lora"),
         peft_config=language_model_lora_config(r=8, lora_dropout=0.0),
-        args={"learning_rate": 5e-3, "gradient_checkpointing": True},
+        args={"learning_rate": 5e-3, "activation_checkpointing": True},
     )
 
 
@@ -109,6 +112,42 @@ def test_each_video_is_encoded_once_per_pair(media):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The one trl internal overridden: DPOTrainer._prepare_dataset
+
+
+def test_trl_prepares_preference_datasets_through_the_one_overridden_hook(media, tmp_path):
+    """`PPLLaVADPOTrainer._prepare_dataset` stops trl from tokenizing the rows as text. If this fails, trl changed
+    how `DPOTrainer` prepares datasets: check whether trl now leaves PPLLaVA's rows alone (then drop the override) or
+    tokenizes them elsewhere (then move the override there)."""
+    expected = ["self", "dataset", "processing_class", "args", "dataset_name"]
+    assert list(inspect.signature(DPOTrainer._prepare_dataset).parameters) == expected, (
+        "trl changed the signature of DPOTrainer._prepare_dataset, which PPLLaVADPOTrainer overrides"
+    )
+    folder, rows = media
+    prepared = []
+
+    class RecordingTrainer(PPLLaVADPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            prepared.append(dataset_name)
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    model, processor = tiny_model_and_processor()
+    trainer = RecordingTrainer(
+        model,
+        args=cpu_args(PPLLaVADPOConfig, tmp_path, media_folder=folder),
+        train_dataset=Dataset.from_list(rows[:2]),
+        eval_dataset=Dataset.from_list(rows[2:4]),
+        processing_class=processor,
+    )
+    assert prepared == ["train", "eval"], (
+        "DPOTrainer.__init__ no longer prepares video preference datasets through _prepare_dataset (trl changed its "
+        "dataset preparation)"
+    )
+    assert trainer.train_dataset.column_names == [*Dataset.from_list(rows).column_names, "row_index"]
+    assert trainer.train_dataset["chosen"] == [row["chosen"] for row in rows[:2]]  # no EOS appended, not tokenized
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Full fine-tuning with a frozen copy as reference
 
 
@@ -135,8 +174,8 @@ def test_the_reference_is_a_frozen_copy_left_untouched(full_run):
 class ZeroedVideoCollator(PPLLaVAPreferenceCollator):
     """The preference collator with every video replaced by zeros."""
 
-    def torch_call(self, examples):
-        batch = super().torch_call(examples)
+    def __call__(self, examples):
+        batch = super().__call__(examples)
         return {**batch, "pixel_values_videos": torch.zeros_like(batch["pixel_values_videos"])}
 
 

@@ -10,12 +10,16 @@ import pytest
 import torch
 from training_tester import single_threaded  # noqa: F401
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from trl import DPOConfig, SFTConfig
 
-from ppllava_hf.training.common import ADAPTER_FOLDER, parse_script_args
+from ppllava_hf.training.common import ADAPTER_FOLDER
+from ppllava_hf.training.dpo import PPLLaVADPOConfig
+from ppllava_hf.training.sft import PPLLaVASFTConfig
 
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from training_script import parse_script_args  # noqa: E402
 
 
 def run_example(name: str, monkeypatch, *arguments: str) -> None:
@@ -35,7 +39,7 @@ def assert_loadable_folder(folder: Path) -> list[dict]:
 def test_the_dpo_example_trains_and_saves_a_loadable_model(tmp_path, monkeypatch, capsys):
     run_example(
         "train_dpo.py", monkeypatch, "--output_dir", str(tmp_path), "--max_steps", "3", "--tiny_rows", "4",
-        "--bf16", "True", "--use_cpu", "True", "--gradient_checkpointing", "True",  # bf16 autocast works on CPUs too
+        "--bf16", "True", "--use_cpu", "True", "--activation_checkpointing", "True",  # bf16 autocast works on CPUs too
     )
     printed = capsys.readouterr().out
     assert "language model" in printed and "vision tower" in printed and "Reward margin" in printed
@@ -54,20 +58,20 @@ def test_the_sft_example_with_lora_saves_the_adapter_and_the_merged_model(tmp_pa
 @pytest.mark.parametrize(
     "name, config_class, recipe",
     [
-        ("train_dpo.py", DPOConfig, dict(learning_rate=5e-6, lr_scheduler_type="linear", warmup_steps=0.1, num_train_epochs=2,
+        ("train_dpo.py", PPLLaVADPOConfig, dict(learning_rate=5e-6, lr_scheduler_type="linear", warmup_steps=0.1, num_train_epochs=2,
                                          max_length=2048, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0],
                                          num_frames=32, freezing_preset="dpo")),
-        ("train_sft.py", SFTConfig, dict(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=2,
+        ("train_sft.py", PPLLaVASFTConfig, dict(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=2,
                                          max_length=1024, num_frames=32, freezing_preset="sft")),
     ],
 )
-def test_the_defaults_are_the_released_recipe_and_flags_win(name, config_class, recipe, monkeypatch):
+def test_the_defaults_are_the_released_recipe_and_flags_win(name, config_class, recipe, tmp_path):
     module = runpy.run_path(str(EXAMPLES / name))
 
     def parsed(*arguments):
-        monkeypatch.setattr(sys, "argv", [name, *arguments])
-        script_args, training_args, model_args = parse_script_args(config_class, module["RECIPE"], "")
-        return {**vars(script_args), **vars(training_args), **vars(model_args)}
+        dataset_args, training_args, model_args = parse_script_args(config_class, module["RECIPE"], "", arguments)
+        assert isinstance(training_args, config_class)
+        return {**vars(dataset_args), **vars(training_args), **vars(model_args)}
 
     real = parsed("--model_name_or_path", "ppllava-7b", "--use_cpu")  # bf16 (the recipe) needs a GPU, or use_cpu
     for key, value in recipe.items():
@@ -76,3 +80,14 @@ def test_the_defaults_are_the_released_recipe_and_flags_win(name, config_class, 
     assert (tiny["learning_rate"], tiny["num_frames"], tiny["bf16"]) == (1e-3, 4, False)
     assert parsed("--learning_rate", "2e-4")["learning_rate"] == 2e-4
     assert parsed("--model_name_or_path", "ppllava-7b", "--use_cpu", "--num_frames", "16")["num_frames"] == 16
+    # A --config YAML file (trl's) names the model as well as the command line does, and the command line wins over it.
+    config = tmp_path / "recipe.yaml"
+    config.write_text("model_name_or_path: ppllava-7b\nuse_cpu: true\nlearning_rate: 3.0e-6\n")
+    from_file = parsed("--config", str(config), "--num_frames", "8")
+    assert (from_file["learning_rate"], from_file["num_frames"]) == (3e-6, 8)
+    assert from_file["lr_scheduler_type"] == real["lr_scheduler_type"]
+
+
+def test_a_quantized_base_without_lora_is_refused_with_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--load_in_4bit / --load_in_8bit .* add --use_peft"):
+        run_example("train_sft.py", monkeypatch, "--output_dir", str(tmp_path), "--load_in_4bit", "True")

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 from training_tester import logged, single_threaded, tiny_model_and_processor, tiny_trainer  # noqa: F401
-from trl import SFTConfig
 
 from ppllava_hf.testing.tiny_training_data import color_frames, tiny_sft_rows, write_color_videos
-from ppllava_hf.training.sft import PPLLaVASFTCollator, PPLLaVASFTTrainer
+from ppllava_hf.training.sft import PPLLaVASFTCollator, PPLLaVASFTConfig, PPLLaVASFTTrainer
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def sft_run(media, tmp_path_factory):
     """8 steps (2 epochs of 8 conversations) with the released "sft" preset."""
     folder, rows = media
     output_dir = tmp_path_factory.mktemp("sft")
-    trainer, before = tiny_trainer(PPLLaVASFTTrainer, SFTConfig, "sft", rows, folder, output_dir)
+    trainer, before = tiny_trainer(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", rows, folder, output_dir)
     trainer.train()
     return trainer, before
 
@@ -96,6 +95,6 @@ def test_a_zeroed_video_changes_the_loss(sft_run, media):
 def test_frames_in_the_rows_train_like_files(media, tmp_path):
     """Rows may carry decoded frames instead of paths; here with no media folder at all."""
     rows = [{**row, "video": color_frames(row["video"].removesuffix(".mp4"), 4)} for row in media[1][:4]]
-    trainer, _ = tiny_trainer(PPLLaVASFTTrainer, SFTConfig, "sft", rows, None, tmp_path, args={"max_steps": 2})
+    trainer, _ = tiny_trainer(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", rows, None, tmp_path, args={"max_steps": 2})
     trainer.train()
     assert len(logged(trainer, "loss")) == 2 and trainer.skipped_rows == []

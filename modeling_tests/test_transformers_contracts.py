@@ -10,10 +10,13 @@ from PIL import Image
 from torch import nn
 from transformers import (
     AutoConfig,
+    BitsAndBytesConfig,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     SiglipTextConfig,
     SiglipTextModel,
     SiglipVisionConfig,
@@ -165,3 +168,27 @@ def test_processors_expand_image_placeholders_through_the_process_images_hook():
     assert images == [[image]] and kwargs["multi_image"] == [True]
     assert int((outputs["input_ids"] == processor.image_token_id).sum()) == 3
     assert "pixel_values_multi_image" in outputs
+
+
+class KeepingFirstLayer(LlamaForCausalLM):
+    """Declares its first decoder layer the way PPLLaVA declares its visual side, and the second by a short name."""
+
+    _keep_in_fp32_modules = ["model.layers.0", "layers.1"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantizers_skip_keep_in_fp32_modules_by_path_prefix_and_upcast_them_for_float16_only(tmp_path, dtype):
+    """PPLLaVA keeps its visual side out of bitsandbytes with `_keep_in_fp32_modules` (read by every transformers
+    quantizer through `HfQuantizer.get_modules_to_not_convert`), as module paths from the model's root. The
+    non-strict list changes no dtype at bfloat16 (or float32); only a float16 load keeps those modules in float32.
+    If this fails, transformers changed how quantizers pick the modules they leave alone: see the class attributes
+    of `PPLLaVAModel` / `PPLLaVAForConditionalGeneration`."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the `quant` extra (bitsandbytes) is not installed")
+    config = LlamaConfig(**{**TEXT, "num_hidden_layers": 3, "num_key_value_heads": 2, "head_dim": 8})
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = KeepingFirstLayer.from_pretrained(tmp_path, dtype=dtype, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    quantized = {name.split(".")[2] for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert quantized == {"1", "2"}  # "layers.1" matches neither a path from the root nor a module's name suffix
+    kept = {param.dtype for param in model.model.layers[0].parameters()}
+    assert kept == {torch.float32 if dtype == torch.float16 else dtype}
+    assert model.model.layers[2].input_layernorm.weight.dtype == dtype

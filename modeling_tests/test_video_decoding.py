@@ -1,10 +1,20 @@
 """Frame sampling and PyAV decoding: PPLLaVA's sampler, real files in several containers, seeking, and bad files."""
 
+import logging
+import os
 from fractions import Fraction
 
 import numpy as np
 import pytest
-from video_test_files import read_index, write_audio_only, write_empty_video, write_frame_folder, write_video
+from PIL import Image
+from video_test_files import (
+    index_frame,
+    read_index,
+    write_audio_only,
+    write_empty_video,
+    write_frame_folder,
+    write_video,
+)
 
 from ppllava_hf import VideoDecodingError, decode_video, sample_frame_indices
 from ppllava_hf.models.ppllava.video_decoding_ppllava import PyAVVideoReader
@@ -66,6 +76,7 @@ def test_no_count_and_no_fps_keeps_every_frame_of_the_clip():
     [
         ({"num_frames": 8, "fps": 1.0, "video_fps": 25.0}, "either `num_frames` or `fps`"),
         ({"num_frames": 0}, "positive"),
+        ({"num_frames": 2.5}, "positive whole number"),
         ({"num_frames": 8, "start_time": 1.0}, "frame rate"),
         ({"num_frames": 8, "video_fps": 25.0, "start_time": 3.0, "end_time": 2.0}, "must come before"),
         ({"num_frames": 8, "video_fps": 25.0, "start_time": 4.0}, "beyond the end"),
@@ -81,6 +92,43 @@ def test_an_end_beyond_the_video_is_clamped_as_in_the_original():
     assert sample_frame_indices(100, 8, video_fps=25.0, start_time=1.0, end_time=60.0) == original_get_index(
         (1.0, 60.0), 25.0, 99, 8
     )
+
+
+@pytest.mark.parametrize(
+    "bounds, message",
+    [
+        ({"end_time": -1.0}, "end_time must be > 0"),
+        ({"end_time": 0.0}, "end_time must be > 0"),
+        ({"start_time": -0.5, "end_time": 2.0}, "start_time must be >= 0"),
+        ({"end_time": float("nan")}, "end_time must be a finite"),
+        ({"start_time": float("inf")}, "start_time must be a finite"),
+    ],
+)
+def test_end_time_is_bounded_as_evenly_as_start_time(bounds, message):
+    with pytest.raises(ValueError, match=message):
+        sample_frame_indices(100, 8, video_fps=25.0, **bounds)
+
+
+def test_fps_above_the_video_rate_samples_every_frame_once_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        indices = sample_frame_indices(40, None, fps=1000.0, video_fps=25.0)
+    assert indices == sample_frame_indices(40, None, fps=25.0, video_fps=25.0)
+    assert len(indices) == 40
+    assert "fps=1000 is above the video's 25 frames per second" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        ({"num_frames": 10_000_000}, "num_frames=10000000 takes 10000000 frames"),
+        ({"num_frames": None, "fps": 20.0, "video_fps": 25.0}, r"fps=20 over the 4000.0 s clip takes 80000 frames"),
+        ({"num_frames": None}, "every frame of the clip takes 100000 frames"),
+    ],
+    ids=["num_frames", "fps", "every frame"],
+)
+def test_more_frames_than_max_frames_are_refused_with_the_numbers(request_, message):
+    with pytest.raises(ValueError, match=f"{message}, above the limit of 2048 per video"):
+        sample_frame_indices(100_000, **request_, max_frames=2048)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,6 +261,27 @@ def test_grayscale_16_bit_and_alpha_files_become_8_bit_rgb(tmp_path, name, codec
     np.testing.assert_allclose(frames.astype(int), np.broadcast_to(frame, frames.shape).astype(int), atol=2)
 
 
+@pytest.mark.parametrize(
+    "rotation, mirrored, upright",
+    [
+        (-90, False, lambda frame: np.rot90(frame, -1)),  # a phone held upright: stored sideways, shown turned right
+        (90, False, lambda frame: np.rot90(frame, 1)),
+        (180, False, lambda frame: frame[::-1, ::-1]),
+        (0, True, lambda frame: frame[:, ::-1]),
+        (90, True, lambda frame: np.rot90(frame, 1)[:, ::-1]),
+    ],
+    ids=["rotate -90", "rotate 90", "rotate 180", "mirrored", "rotate 90 mirrored"],
+)
+@pytest.mark.parametrize("name, codec, pix_fmt", [("phone.mp4", "libx264", "yuv420p"), ("phone.mkv", "ffv1", "bgr0")])
+def test_a_rotated_video_is_decoded_as_players_show_it(tmp_path, name, codec, pix_fmt, rotation, mirrored, upright):
+    path = write_video(tmp_path / name, codec, 30, pix_fmt=pix_fmt, rotation=rotation, mirrored=mirrored)
+    frames, metadata = decode_video(path, num_frames=3)
+    expected = np.stack([upright(index_frame(index)) for index in sample_frame_indices(30, 3)])
+    assert frames.shape == expected.shape
+    assert np.abs(frames.astype(int) - expected).mean() < 4  # lossy codecs blur the bar edges a little
+    assert (metadata.height, metadata.width) == expected.shape[1:3]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad files
 
@@ -238,10 +307,20 @@ def test_a_truncated_mp4_without_its_index_cannot_be_opened(tmp_path):
         decode_video(path)
 
 
-def test_a_truncated_mp4_whose_frames_are_missing_is_refused(tmp_path):
-    path = write_video(tmp_path / "clip.mp4", "mpeg4", 60, options={"movflags": "faststart"})
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(VideoDecodingError, match="truncated"):
+@pytest.mark.parametrize(
+    "name, codec, options",
+    [
+        ("clip.mp4", "mpeg4", {"movflags": "faststart"}),
+        ("clip.mov", "mpeg4", {"movflags": "faststart"}),
+        ("clip.mkv", "libx264", None),
+        ("clip.webm", "libvpx-vp9", None),
+    ],
+    ids=["mp4", "mov", "mkv", "webm"],
+)
+def test_a_truncated_file_is_refused_in_every_container(tmp_path, name, codec, options):
+    path = write_video(tmp_path / name, codec, 60, options=options)
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.6)])
+    with pytest.raises(VideoDecodingError, match=r"is truncated: its video stream declares 2.40 s but its frames end at"):
         decode_video(path, num_frames=8)
 
 
@@ -306,3 +385,61 @@ def test_a_folder_without_frame_images_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VideoDecodingError, match="holds no frame images"):
         decode_video(tmp_path / "empty", 8)
+
+
+def test_a_folder_of_video_files_is_no_frame_folder_and_the_error_says_to_pass_each_file(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "a.mp4", "libx264", 5)
+    write_video(folder / "b.mkv", "libvpx", 5)
+    with pytest.raises(VideoDecodingError, match=r"holds no frame images.*It holds video files \(a.mp4, b.mkv\): pass each"):
+        decode_video(folder, 8)
+
+
+def test_an_unreadable_folder_is_named_with_the_reason(tmp_path, monkeypatch):
+    (tmp_path / "frames").mkdir()
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", os.fspath(path))
+
+    monkeypatch.setattr(os, "listdir", refuse)
+    with pytest.raises(VideoDecodingError, match=r"Cannot list the frame folder .*frames' \(Permission denied\)"):
+        decode_video(tmp_path / "frames", 8)
+
+
+def test_frame_images_are_read_upright_and_16_bit_ones_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation 6: the camera was turned; viewers rotate the image 90 degrees clockwise
+    Image.fromarray(index_frame(1)).save(folder / "1.png", exif=exif)
+    Image.fromarray(np.full((96, 16), 51400, np.uint16)).save(folder / "2.png")  # 16-bit grayscale: 51400 / 257 = 200
+    frames, _ = decode_video(folder, None)
+    np.testing.assert_array_equal(frames[0], np.rot90(index_frame(1), -1))
+    assert (frames[1] == 200).all()
+
+
+IMAGE_FORMATS = [("photo.jpg", {"quality": 95}), ("photo.png", {}), ("photo.bmp", {}), ("photo.webp", {"lossless": True}),
+                 ("photo.tiff", {})]
+
+
+@pytest.mark.parametrize("name, options", IMAGE_FORMATS, ids=[name for name, _ in IMAGE_FORMATS])
+def test_an_image_file_is_a_one_frame_video_in_every_format(tmp_path, name, options):
+    rows, columns = np.mgrid[0:480, 0:640]  # a photo-sized picture: two gradients
+    image = np.stack([rows * 255 // 479, columns * 255 // 639, np.full_like(rows, 128)], axis=-1).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / name, **options)
+    frames, metadata = decode_video(tmp_path / name, num_frames=4)
+    assert frames.shape == (4, 480, 640, 3)
+    assert metadata.total_num_frames == 1 and metadata.frames_indices == [0, 0, 0, 0] and metadata.fps is None
+    assert np.abs(frames[0].astype(int) - image).mean() < 2  # JPEG is lossy
+    with pytest.raises(ValueError, match="needs a frame rate, which it does not carry: sample it by `num_frames`"):
+        decode_video(tmp_path / name, num_frames=None, fps=1.0)
+
+
+def test_a_jpeg_with_exif_orientation_is_a_one_frame_video_shown_upright(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8  # viewers rotate the image 90 degrees counterclockwise
+    Image.fromarray(index_frame(3)).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    frames, _ = decode_video(tmp_path / "photo.jpg", num_frames=1)
+    assert frames.shape == (1, 96, 16, 3)
+    assert np.abs(frames[0].astype(int) - np.rot90(index_frame(3), 1)).mean() < 8

@@ -113,6 +113,29 @@ def test_unusable_frames_are_refused_with_the_fix(processor, frames, message):
         processor(frames)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_float_frames_are_refused_naming_the_frames(processor, bad):
+    frames = np.full((4, 6, 6, 3), 0.5, np.float32)
+    frames[2, 1, 1, 0] = bad
+    with pytest.raises(ValueError, match=r"Float frames hold 1 NaN or infinite values \(in frame\(s\) \[2\]\)"):
+        processor(frames)
+
+
+@pytest.mark.parametrize(
+    "video_kind, options, message",
+    [
+        ("file", {"num_frames": 10_000_000}, "num_frames=10000000 takes 10000000 frames, above the limit of 2048"),
+        ("file", {"do_sample_frames": False, "max_num_frames": 30}, "every frame of the clip takes 40 frames, above the limit of 30"),
+        ("array", {"do_sample_frames": True, "num_frames": 5000}, "num_frames=5000 takes 5000 frames, above the limit of 2048"),
+    ],
+    ids=["absurd num_frames", "every frame of a file", "array resampled"],
+)
+def test_more_frames_than_max_num_frames_are_refused_before_decoding(tmp_path, processor, video_kind, options, message):
+    video = str(write_video(tmp_path / "clip.mp4", "libx264", 40)) if video_kind == "file" else np.zeros((6, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match=message):
+        processor(video, **options)
+
+
 def test_clip_frames_are_squashed_like_the_original_pil_resize():
     """The original resizes each frame to the square input with PIL bicubic, ignoring the aspect ratio."""
     rng = np.random.default_rng(0)

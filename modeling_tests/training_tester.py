@@ -3,11 +3,11 @@
 import pytest
 import torch
 from datasets import Dataset
-from trl import DPOConfig, SFTConfig
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
 from ppllava_hf.testing.tiny import tiny_config, tiny_processor
-from ppllava_hf.training.freezing import apply_freezing_preset
+from ppllava_hf.training.dpo import PPLLaVADPOConfig
+from ppllava_hf.training.sft import PPLLaVASFTConfig
 
 
 NUM_FRAMES = 4
@@ -30,7 +30,7 @@ def tiny_model_and_processor(seed: int = 0, layout: str = "vicuna"):
     return PPLLaVAForConditionalGeneration(config), tiny_processor(config, num_frames=NUM_FRAMES)
 
 
-def cpu_args(config_class: type[DPOConfig] | type[SFTConfig], output_dir, **overrides):
+def cpu_args(config_class: type[PPLLaVADPOConfig] | type[PPLLaVASFTConfig], output_dir, **overrides):
     """Trainer settings for a few quick CPU steps: two rows a step, logging every step, nothing saved or reported."""
     settings = dict(
         output_dir=str(output_dir),
@@ -43,7 +43,7 @@ def cpu_args(config_class: type[DPOConfig] | type[SFTConfig], output_dir, **over
         logging_steps=1,
         learning_rate=1e-3,
         num_train_epochs=2,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         disable_tqdm=True,
     )
     settings.update(overrides)
@@ -61,17 +61,16 @@ def logged(trainer, key: str) -> list[float]:
 
 
 def tiny_trainer(trainer_class, config_class, preset: str, rows: list[dict], media_folder, output_dir, args=None, **options):
-    """A PPLLaVA trainer (not yet trained) of a tiny model with `preset` applied, on `rows`, with `cpu_args`; and a
-    snapshot of the model's parameters before training."""
+    """A PPLLaVA trainer (not yet trained) of a tiny model, its config's `freezing_preset` set to `preset`, on `rows`,
+    with `cpu_args`; and a snapshot of the model's parameters before training."""
     model, processor = tiny_model_and_processor()
-    apply_freezing_preset(model, preset)
     before = snapshot(model)
+    settings = {"freezing_preset": preset, "media_folder": media_folder, **(args or {})}
     trainer = trainer_class(
         model,
-        args=cpu_args(config_class, output_dir, **(args or {})),
+        args=cpu_args(config_class, output_dir, **settings),
         train_dataset=Dataset.from_list(rows),
         processing_class=processor,
-        media_folder=media_folder,
         **options,
     )
     return trainer, before

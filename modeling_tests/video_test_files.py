@@ -38,12 +38,18 @@ def write_video(
     gop_size: int | None = None,
     options: dict | None = None,
     frames=None,
+    rotation: int | None = None,
+    mirrored: bool = False,
 ) -> Path:
-    """Encode `num_frames` index frames (or the given RGB `frames`) into `path`; the container follows the suffix."""
+    """Encode `num_frames` index frames (or the given RGB `frames`) into `path`; the container follows the suffix.
+    `rotation` (degrees counterclockwise) and `mirrored` (then flipped left-right) go into the display matrix, as a
+    phone writes it for a video recorded in portrait."""
     with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.height, stream.width = HEIGHT, WIDTH
         stream.pix_fmt = pix_fmt
+        if rotation is not None or mirrored:
+            stream.set_display_rotation(rotation or 0, hflip=mirrored)
         if gop_size:
             stream.codec_context.gop_size = gop_size
         arrays = (index_frame(index) if frames is None else frames[index] for index in range(num_frames))

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from .convert import convert_checkpoint, push_to_hub
+from .rules import ConversionError
 from .verification import VerificationError
 
 
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the conversion; returns the exit code: 0 on success, 1 when the conversion is refused or fails (the reason
+    on stderr, in a line, without a traceback; nothing is left in the output folder)."""
     args = parse_args(argv)
     try:
         result = convert_checkpoint(
@@ -73,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             reference_outputs=args.reference_outputs,
             model_id=args.push_to_hub,
         )
-    except VerificationError as error:
-        print(error, file=sys.stderr)
+    except (ConversionError, VerificationError, OSError) as error:
+        # Our own refusals, and the file system's (permissions, disk full): a message, not a traceback.
+        print(f"error: {error} Nothing was written to {args.output}.", file=sys.stderr)
         return 1
     if result.verification is not None:
         print(result.verification)

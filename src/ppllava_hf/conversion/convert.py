@@ -2,7 +2,8 @@
 
 The steps, each in its own module of this package: find the checkpoint and its prompt encoder (`original_checkpoint`),
 translate the config and the weights (`rules`), write the processor (`processor`), the generation config, the remote
-code (`remote_code`) and the model card (`model_card`), verify the result (`verification`), push it to the Hub.
+code (`remote_code`) and the model card (`model_card`), verify the result (`verification`), push it to the Hub. A
+conversion leaves a complete folder or nothing (`staging`).
 """
 
 import os
@@ -20,9 +21,10 @@ from .original_checkpoint import (
     load_prompt_encoder_config,
     resolve_prompt_encoder,
 )
-from .processor import find_processor_sources, save_processor
-from .remote_code import save_remote_code
-from .rules import ConversionError, convert_config, convert_weights
+from .processor import build_processor, find_processor_sources
+from .remote_code import check_self_contained, payload_files, save_remote_code
+from .rules import ConversionError, WeightPlan, convert_config, plan_weights, write_weights
+from .staging import check_free_space, check_output_folder, staged_folder
 from .verification import VerificationReport, verify_converted
 
 
@@ -54,6 +56,10 @@ def convert_checkpoint(
 ) -> ConversionResult:
     """Convert the original checkpoint `source` (a folder, or `owner/repo/folder` on the Hub) into `output_folder`.
 
+    Everything that can be checked is checked before the first file is written, and `output_folder` (new, or empty)
+    appears complete or not at all: any failure, verification included, leaves nothing behind. Raises
+    `ConversionError` (a `ValueError`) saying what is wrong, `VerificationError` when the result fails verification.
+
     Args:
         prompt_encoder: CLIP/SigLIP model (folder or Hub id) in place of the checkpoint's `clip_weight`.
         tokenizer, prompt_tokenizer, base_processor: processor sources where the checkpoint lacks them (the LLM tokenizer,
@@ -66,46 +72,65 @@ def convert_checkpoint(
             `verify`).
         model_id: the Hub id the model card's usage snippet loads from (defaults to `output_folder`).
     """
-    if os.path.isdir(output_folder) and os.listdir(output_folder):
-        # Shards or code of an earlier conversion would mix with this one's.
-        raise ConversionError(f"The output folder {output_folder} is not empty.")
+    check_output_folder(output_folder)
     checkpoint = OriginalCheckpoint.resolve(source, allow_pickle=allow_pickle)
     prompt_source = resolve_prompt_encoder(checkpoint, prompt_encoder)
     config = convert_config(checkpoint.config, load_prompt_encoder_config(prompt_source))
+
+    # Everything that can be checked is checked before the first file is written: the processor (its tokenizers and
+    # placeholders), every weight key and shape, the generation config, the remote code and the free space.
+    sources = find_processor_sources(checkpoint, prompt_source, tokenizer, prompt_tokenizer, base_processor)
+    processor = build_processor(sources, config)
+    weights = plan_weights(checkpoint.folder, config, allow_pickle=allow_pickle)
+    generation_config = original_generation_config(checkpoint, config)
+    if remote_code:
+        check_self_contained(payload_files())
+    check_free_space(output_folder, output_size(weights, checkpoint.config, dtype))
     if dtype is not None:
         config.dtype = dtype
-
-    # The processor step comes first: it is cheap, and refuses before the weights what it cannot write.
-    sources = find_processor_sources(checkpoint, prompt_source, tokenizer, prompt_tokenizer, base_processor)
-    processor_saved = save_processor(sources, output_folder, config)
-    weight_map = convert_weights(checkpoint.folder, output_folder, config, dtype=dtype, allow_pickle=allow_pickle)
-    remote_code_files = save_remote_code(output_folder, config, with_processor=processor_saved) if remote_code else []
-    config.save_pretrained(output_folder)
-    save_generation_config(checkpoint, output_folder, config)
     card = build_model_card(
         config,
         origin=checkpoint.source if checkpoint.repo_id else checkpoint.name,
         model_id=model_id or output_folder,
         base_model=checkpoint.repo_id or PUBLISHED_WEIGHTS_REPO,
-        has_processor=processor_saved,
+        has_processor=processor is not None,
         remote_code=remote_code,
     )
-    card.save(os.path.join(output_folder, "README.md"))
 
-    result = ConversionResult(output_folder, config, weight_map, processor_saved, remote_code_files)
-    if verify or reference_outputs is not None:
-        result.verification = verify_converted(output_folder, reference_outputs)
-        result.verification.raise_for_failures()
+    # Written into a staging folder that becomes `output_folder` only when every step, verification included, passed.
+    with staged_folder(output_folder) as staging:
+        if processor is not None:
+            processor.save_pretrained(staging)
+        weight_map = write_weights(weights, staging, dtype=dtype)
+        remote_code_files = save_remote_code(staging, config, with_processor=processor is not None) if remote_code else []
+        config.save_pretrained(staging)
+        generation_config.save_pretrained(staging)
+        card.save(os.path.join(staging, "README.md"))
+        result = ConversionResult(output_folder, config, weight_map, processor is not None, remote_code_files)
+        if verify or reference_outputs is not None:
+            result.verification = verify_converted(staging, reference_outputs)
+            result.verification.raise_for_failures()
     return result
 
 
-def save_generation_config(checkpoint: OriginalCheckpoint, output_folder: str, config: PPLLaVAConfig) -> None:
+def original_generation_config(checkpoint: OriginalCheckpoint, config: PPLLaVAConfig) -> GenerationConfig:
     """The original's `generation_config.json` (special token ids, decoding defaults), or one derived from the config."""
-    if os.path.isfile(os.path.join(checkpoint.folder, "generation_config.json")):
-        generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
-    else:
-        generation_config = GenerationConfig.from_model_config(config.get_text_config())
-    generation_config.save_pretrained(output_folder)
+    path = os.path.join(checkpoint.folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return GenerationConfig.from_model_config(config.get_text_config())
+    try:
+        return GenerationConfig.from_pretrained(checkpoint.folder)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"Cannot read {path} ({error}); restore or remove it.") from None
+
+
+def output_size(weights: WeightPlan, original_config: dict, dtype: torch.dtype | None) -> int:
+    """About how many bytes the converted weights take: the original files' size, scaled when a cast changes the
+    width of the checkpoint's floating-point dtype."""
+    source = getattr(torch, str(original_config.get("torch_dtype") or original_config.get("dtype")), None)
+    if dtype is None or not isinstance(source, torch.dtype):
+        return weights.num_bytes
+    return weights.num_bytes * dtype.itemsize // source.itemsize
 
 
 def push_to_hub(folder: str, repo_id: str, private: bool | None = None) -> str:

@@ -10,11 +10,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..models.ppllava.configuration_ppllava import PPLLaVAConfig
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor, align_placeholder_tokens
-from .original_checkpoint import OriginalCheckpoint, folder_has_tokenizer
+from .original_checkpoint import OriginalCheckpoint, check_local_source, folder_has_tokenizer
 from .rules import ConversionError
 
 
@@ -37,8 +37,13 @@ def find_processor_sources(
     prompt_tokenizer: str | None = None,
     base_processor: str | None = None,
 ) -> ProcessorSources:
-    """Where each part of the processor comes from: what the caller names first, else the checkpoint folder's own LLM
-    tokenizer (or the base processor's), and the prompt encoder's tokenizer (a Hub id, or a folder that has one)."""
+    """Where each part of the processor comes from: what the caller names first (a local path must exist), else the
+    checkpoint folder's own LLM tokenizer (or the base processor's), and the prompt encoder's tokenizer (a Hub id, or a
+    folder that has one)."""
+    for source, option in ((tokenizer, "--tokenizer"), (prompt_tokenizer, "--prompt-tokenizer"),
+                           (base_processor, "--base-processor")):
+        if source is not None:
+            check_local_source(source, f"{option} folder")
     if tokenizer is None:
         tokenizer = checkpoint.folder if checkpoint.has_tokenizer() else base_processor
     if prompt_tokenizer is None and (not os.path.isdir(prompt_encoder) or folder_has_tokenizer(prompt_encoder)):
@@ -46,31 +51,40 @@ def find_processor_sources(
     return ProcessorSources(tokenizer=tokenizer, prompt_tokenizer=prompt_tokenizer, base_processor=base_processor)
 
 
-def save_processor(sources: ProcessorSources, output_folder: str, config: PPLLaVAConfig) -> bool:
-    """Write the processor of a converted checkpoint into `output_folder`; returns whether one was written.
+def build_processor(sources: ProcessorSources, config: PPLLaVAConfig) -> PPLLaVAProcessor | None:
+    """The processor of a converted checkpoint, or None when there is no LLM tokenizer to build it from.
 
-    Without an LLM tokenizer there is nothing to build a processor from: the folder gets config, weights and model card
-    only, with a warning. Otherwise `config.video_token_id` follows the tokenizer's `<video>` (added when missing), so
-    that the two agree; the config must be saved after this step.
+    Without an LLM tokenizer the folder gets config, weights and model card only, with a warning. Otherwise
+    `config.video_token_id` follows the tokenizer's `<video>` (added when missing), so that the two agree; build the
+    processor before saving the config. Nothing is written.
     """
     if sources.tokenizer is None:
         logger.warning(
-            "No processor was written to %s: the checkpoint carries no tokenizer and no tokenizer or base processor was "
+            "No processor is written: the checkpoint carries no tokenizer and no tokenizer or base processor was "
             "given (--tokenizer / --base-processor). The model loads and runs; build its inputs by hand (see the model "
-            "card) or convert again with a tokenizer.",
-            output_folder,
+            "card) or convert again with a tokenizer."
         )
-        return False
+        return None
     if sources.prompt_tokenizer is None:
         raise ConversionError(
             "The LLM tokenizer was found but not the prompt encoder's: pass --prompt-tokenizer (the CLIP/SigLIP model "
             "named by the checkpoint's clip_weight, e.g. openai/clip-vit-large-patch14-336)."
         )
-    tokenizer = AutoTokenizer.from_pretrained(sources.tokenizer)
+    tokenizer = _load_tokenizer(sources.tokenizer, "LLM tokenizer")
     try:
         align_placeholder_tokens(tokenizer, config)
     except ValueError as error:
         raise ConversionError(str(error)) from None
-    prompt_tokenizer = AutoTokenizer.from_pretrained(sources.prompt_tokenizer)
-    PPLLaVAProcessor.from_config(config, tokenizer, prompt_tokenizer).save_pretrained(output_folder)
-    return True
+    prompt_tokenizer = _load_tokenizer(sources.prompt_tokenizer, "prompt tokenizer")
+    try:
+        return PPLLaVAProcessor.from_config(config, tokenizer, prompt_tokenizer)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+
+
+def _load_tokenizer(source: str, what: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        raise ConversionError(f"Cannot load the {what} from {source!r}: {reason}") from error

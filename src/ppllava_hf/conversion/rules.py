@@ -10,10 +10,11 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
@@ -104,7 +105,20 @@ _VALUE_ROWS_KEY = re.compile(r"^multi_modal_projector\.clip_visual_head\.attenti
 
 
 class ConversionError(ValueError):
-    """A checkpoint does not convert: unknown, missing or mis-shaped keys, or an unsupported original setting."""
+    """A checkpoint does not convert: unknown, missing or mis-shaped keys, an unsupported original setting, a file
+    that cannot be read, or an output that cannot be written."""
+
+
+def read_json(path: str) -> dict:
+    """A JSON object file; `ConversionError` naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path} is not valid JSON ({error}); restore the file (download it again).") from None
+    if not isinstance(content, dict):
+        raise ConversionError(f"{path} holds a JSON {type(content).__name__}, not the object a config is.")
+    return content
 
 
 def convert_key(key: str) -> str | None:
@@ -136,8 +150,21 @@ def _stretched_positions(source_positions: int) -> int:
     return ORIGINAL_PROMPT_KEEP_POSITIONS + ORIGINAL_PROMPT_STRETCH * (source_positions - ORIGINAL_PROMPT_KEEP_POSITIONS)
 
 
+# What convert_config reads without a default.
+_REQUIRED_FIELDS = ("text_config", "vision_config", "image_token_index")
+
+
 def _check_supported(original: dict) -> None:
-    """Refuse original settings whose computation PPLLaVA-HF does not reproduce, instead of converting them wrongly."""
+    """Refuse incomplete configs, and original settings whose computation PPLLaVA-HF does not reproduce instead of
+    converting them wrongly."""
+    missing = [name for name in _REQUIRED_FIELDS if not original.get(name)]
+    if "vocab_size" not in (original.get("text_config") or {"vocab_size": None}):
+        missing.append("text_config.vocab_size")
+    if missing:
+        raise ConversionError(
+            f"The checkpoint's config.json has no {', '.join(missing)}: it is not a complete original PPLLaVA config "
+            "(a llava_next / llava_onevision config with PPLLaVA's fields, as the original code saves it)."
+        )
     if original.get("pooling") != "ppllava":
         raise ConversionError(
             f"Only prompt-guided pooling checkpoints convert (`pooling: ppllava`), this one has pooling={original.get('pooling')!r}."
@@ -164,8 +191,14 @@ def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
     the defaults it leaves out resolve exactly as the original's `CLIPModel.from_pretrained` resolved them.
     """
     _check_supported(original)
-    source = AutoConfig.for_model(**prompt_source)
-    prompt = source.text_config.to_dict()
+    try:
+        source = AutoConfig.for_model(**prompt_source)
+        prompt = source.text_config.to_dict()
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise ConversionError(
+            f"The prompt encoder's config.json is not a CLIP/SigLIP model config ({type(error).__name__}: {error}); give "
+            "the CLIP/SigLIP model the checkpoint's clip_weight names (--prompt-encoder)."
+        ) from None
     siglip = prompt["model_type"] == "siglip_text_model"
     if bool(original.get("qwen", False)) != siglip:
         # The original picks its SigLIP projector when `qwen` is set and its CLIP projector otherwise.
@@ -248,9 +281,14 @@ class ShardPlan:
     def from_folder(cls, folder: str, allow_pickle: bool = False) -> "ShardPlan":
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as handle:
-                files = sorted(set(json.load(handle)["weight_map"].values()))
-            return cls([os.path.join(folder, name) for name in files])
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no weight_map; restore the file (download it again).")
+            files = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+            missing = [path for path in files if not os.path.isfile(path)]
+            if missing:
+                raise ConversionError(f"{index} lists weight files that are missing: {', '.join(missing)}.")
+            return cls(files)
         safetensors_files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
         if safetensors_files:
             return cls([os.path.join(folder, name) for name in safetensors_files])
@@ -268,20 +306,33 @@ class ShardPlan:
 
 def original_shapes(path: str) -> dict[str, torch.Size]:
     """Key -> shape of one weight file, read without loading the tensors (safetensors header, or a memory-mapped pickle)."""
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    return {key: tensor.shape for key, tensor in _load_pickle(path).items()}
+    with _reading(path):
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                return {key: torch.Size(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        return {key: tensor.shape for key, tensor in _load_pickle(path).items()}
 
 
 def iter_original_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one weight file, one at a time."""
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                yield key, handle.get_tensor(key)
-    else:
-        yield from _load_pickle(path).items()
+    with _reading(path):
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        else:
+            yield from _load_pickle(path).items()
+
+
+@contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Read failures of a weight file (truncated, corrupt, unreadable) as a `ConversionError` naming it."""
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ConversionError(
+            f"Cannot read the weight file {path} ({error}); it may be truncated or corrupt: download it again."
+        ) from error
 
 
 def _load_pickle(path: str) -> dict[str, torch.Tensor]:
@@ -294,20 +345,19 @@ def converted_shape(key: str, shape: torch.Size) -> torch.Size:
     return convert_tensor(key, torch.empty(shape, device="meta")).shape
 
 
-def convert_weights(
-    input_folder: str,
-    output_folder: str,
-    config: PPLLaVAConfig,
-    dtype: torch.dtype | None = None,
-    allow_pickle: bool = False,
-) -> dict[str, str]:
-    """Convert the weights shard by shard into safetensors shards of our layout, one output shard per input shard.
+@dataclass
+class WeightPlan:
+    """Checked weights of an original checkpoint: its weight files, the output shard each becomes, and their size in
+    bytes."""
 
-    Keys and shapes are checked first from the files' headers; then one input shard at a time is read (memory-mapped),
-    converted and written, so memory holds about one shard, never the whole model. Floating-point tensors are cast to `dtype` when
-    given. Returns the weight map (our key -> output file name). Raises `ConversionError` listing every unknown, missing
-    or mis-shaped key, before anything is written.
-    """
+    files: list[str]
+    names: list[str]
+    num_bytes: int
+
+
+def plan_weights(input_folder: str, config: PPLLaVAConfig, allow_pickle: bool = False) -> WeightPlan:
+    """Check every key and shape of the original weights from the files' headers, reading no tensor. Raises
+    `ConversionError` listing every unknown, missing or mis-shaped key (and naming any unreadable file)."""
     expected = expected_state(config)
     plan = ShardPlan.from_folder(input_folder, allow_pickle=allow_pickle)
     seen: dict[str, torch.Size] = {}
@@ -322,11 +372,17 @@ def convert_weights(
             if ours is not None:
                 seen[ours] = converted_shape(key, shape)
     _check_keys(seen, expected, unknown)
+    return WeightPlan(plan.files, _output_names(len(plan.files)), sum(os.path.getsize(path) for path in plan.files))
 
+
+def write_weights(plan: WeightPlan, output_folder: str, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Convert the planned weights shard by shard into safetensors shards of our layout: one input shard at a time is
+    read (memory-mapped), converted and written, so memory holds about one shard, never the whole model. Floating-point
+    tensors are cast to `dtype` when given. Returns the weight map (our key -> output file name); a file that cannot
+    be read or written raises `ConversionError` naming it."""
     os.makedirs(output_folder, exist_ok=True)
     weight_map = {}
-    names = _output_names(len(plan.files))
-    for path, name in zip(plan.files, names):
+    for path, name in zip(plan.files, plan.names):
         converted = {}
         for key, tensor in iter_original_tensors(path):
             ours = convert_key(key)
@@ -334,15 +390,30 @@ def convert_weights(
                 continue
             tensor = convert_tensor(key, tensor)
             converted[ours] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
-        save_file(converted, os.path.join(output_folder, name), metadata={"format": "pt"})
+        target = os.path.join(output_folder, name)
+        try:
+            save_file(converted, target, metadata={"format": "pt"})
+        except (SafetensorError, OSError) as error:
+            raise ConversionError(f"Writing the weight file {name} failed ({error}).") from error
         weight_map.update(dict.fromkeys(converted, name))
         del converted
-    if len(names) > 1:
-        total = sum(os.path.getsize(os.path.join(output_folder, name)) for name in names)
+    if len(plan.names) > 1:
+        total = sum(os.path.getsize(os.path.join(output_folder, name)) for name in plan.names)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(output_folder, "model.safetensors.index.json"), "w") as handle:
             json.dump(index, handle, indent=2)
     return weight_map
+
+
+def convert_weights(
+    input_folder: str,
+    output_folder: str,
+    config: PPLLaVAConfig,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> dict[str, str]:
+    """`plan_weights` then `write_weights`: every key and shape is checked before anything is written."""
+    return write_weights(plan_weights(input_folder, config, allow_pickle), output_folder, dtype)
 
 
 def _output_names(num_shards: int) -> list[str]:

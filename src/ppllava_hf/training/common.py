@@ -1,228 +1,160 @@
-"""What PPLLaVA's DPO and SFT training share: the training scripts (arguments, loading a model, processor and rows to
-train on, or tiny random/synthetic ones), LoRA on the language model only, and saving a trained model as a folder
-that loads with the Auto classes."""
+"""What PPLLaVA's DPO and SFT training share: the options both trainer configs add to trl's, what both trainers do
+before trl's `__init__` runs (frames, freezing preset, row checks), LoRA on the language model only, and saving a
+trained model as a folder that loads with the Auto classes."""
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import torch
 from accelerate.utils import is_peft_model
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    HfArgumentParser,
-    PreTrainedModel,
-    ProcessorMixin,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin, Trainer
 from trl import ModelConfig, get_peft_config
-from trl.trainer.utils import get_config_model_id
 
-from ..models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration
-from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
-from ..testing.tiny import tiny_config, tiny_processor
-from ..testing.tiny_training_data import write_tiny_jsonl
-from .freezing import FREEZING_PRESETS, apply_freezing_preset, trainable_parameter_table
-from .rows import BAD_ROW_POLICIES, VIDEO_CHECKS, BadRowPolicy, RowChecker, SkippedRow, VideoCheck
+from .freezing import FREEZING_PRESETS, apply_freezing_preset, check_freezing_preset
+from .rows import BadRowPolicy, RowChecker, SkippedRow, VideoCheck, check_options
 
 
 if TYPE_CHECKING:
-    from datasets import Dataset
+    import torch
     from peft import LoraConfig
 
 
 LANGUAGE_MODEL_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FOLDER = "adapter"
-TINY_DATA_FOLDER = "tiny_data"
-# Without --model_name_or_path the scripts train a tiny random model on a tiny synthetic set; these defaults make its
-# learning show within a few CPU steps (the released recipes' learning rates are far too small for that).
-TINY_DEMO_DEFAULTS = dict(
-    learning_rate=1e-3,
-    num_frames=4,
-    per_device_train_batch_size=2,
-    logging_steps=1,
-    bf16=False,
-    gradient_checkpointing=False,
-    save_strategy="no",
-)
+
+
+@dataclass
+class PPLLaVAConfigMixin:
+    """The options PPLLaVA's trainers add to trl's configs, mixed into `PPLLaVADPOConfig` and `PPLLaVASFTConfig` (before
+    the trl config among the bases). Every field is a command-line flag through trl's `TrlParser`."""
+
+    media_folder: str | None = field(
+        default=None, metadata={"help": "Folder that relative video and image paths in the rows start from."}
+    )
+    num_frames: int | None = field(
+        default=None,
+        metadata={
+            "help": "Frames the processor samples per video (the released recipes: 32); the trainer sets it on its "
+            "processor. Unset: the processor's own sampling."
+        },
+    )
+    on_bad_row: BadRowPolicy = field(
+        default="skip",
+        metadata={
+            "help": "Rows with unreadable media, too long, or nothing to learn: skip them (with a count) or raise."
+        },
+    )
+    video_check: VideoCheck = field(
+        default="open",
+        metadata={
+            "help": "Check videos before training by reading their headers (open) or by decoding them (decode)."
+        },
+    )
+    freezing_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which parts learn, set by the trainer before it adds LoRA (under --use_peft only the adapters "
+            "learn). Unset: the model's requires_grad as given.",
+            "choices": list(FREEZING_PRESETS),
+        },
+    )
+    # trl's default (True) makes `Trainer` drop every column but trl's tokenized ones before batching.
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Stays False: the PPLLaVA collators read the raw rows (prompts, media paths, ids)."},
+    )
+
+    def __post_init__(self):
+        check_options(self.on_bad_row, self.video_check)
+        if self.freezing_preset is not None:
+            check_freezing_preset(self.freezing_preset)
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns=True would drop the raw columns (prompts, media paths) the PPLLaVA collators "
+                "read; leave it False."
+            )
+        # trl's configs set the deprecated `gradient_checkpointing` (to True), so transformers (>= 5.23) warns unless
+        # `activation_checkpointing`, the name it prefers, is set: carry the value over to that name.
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        super().__post_init__()
 
 
 class PPLLaVATrainerMixin:
-    """What both PPLLaVA trainers add to trl's: the row checks (`self.row_checker`, `self.skipped_rows`) and the raw
-    columns their collators read (`row_columns`)."""
-
-    row_columns: tuple[str, ...] = ()
+    """What both PPLLaVA trainers do before trl's `__init__`, which prepares the datasets: set the config's
+    `num_frames` on the processor, apply its `freezing_preset`, and check every row (`self.row_checker`,
+    `self.skipped_rows`). Datasets given to `evaluate` are checked the same way."""
 
     def _set_up_rows(
         self,
         model: "str | PreTrainedModel",
+        args: PPLLaVAConfigMixin,
+        config_class: type[PPLLaVAConfigMixin],
         processing_class: ProcessorMixin | None,
         check_row: Callable[..., None],
-        media_folder: str | None,
-        on_bad_row: BadRowPolicy,
-        video_check: VideoCheck,
-    ) -> ProcessorMixin:
-        """Create the row checker; returns the processor (the model's own when none is given). Called before trl's
-        `__init__`, which prepares the datasets."""
+        train_dataset: Any,
+        eval_dataset: Any,
+    ) -> tuple[ProcessorMixin, Any, Any]:
+        """Returns the processor (the model's own when none is given) and the checked train and eval datasets."""
+        if not isinstance(args, config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {config_class.__name__} as args (trl's config with PPLLaVA's options: "
+                f"media_folder, num_frames, on_bad_row, video_check, freezing_preset), got {type(args).__name__}."
+            )
         if processing_class is None:
             processing_class = default_processor(model)
-        self.row_checker = RowChecker(check_row, processing_class, media_folder, on_bad_row, video_check)
-        return processing_class
+        if args.num_frames is not None:
+            processing_class.video_processor.num_frames, processing_class.video_processor.fps = args.num_frames, None
+        if args.freezing_preset is not None:
+            if isinstance(model, str) or is_peft_model(model):
+                raise ValueError(
+                    f"freezing_preset={args.freezing_preset!r} applies to the PPLLaVA model itself, before LoRA: pass "
+                    "the model loaded with AutoModelForImageTextToText.from_pretrained (and LoRA as peft_config), or "
+                    "leave freezing_preset unset."
+                )
+            apply_freezing_preset(model, args.freezing_preset)
+        self.row_checker = RowChecker(check_row, processing_class, args.media_folder, args.on_bad_row, args.video_check)
+        train_dataset = self._checked(train_dataset, "train", args)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self._checked(dataset, name, args) for name, dataset in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._checked(eval_dataset, "eval", args)
+        return processing_class, train_dataset, eval_dataset
+
+    def _checked(self, dataset: Any, name: str, args: PPLLaVAConfigMixin) -> Any:
+        return self.row_checker(dataset, name, args.max_length, args.dataset_num_proc)
 
     @property
     def skipped_rows(self) -> list[SkippedRow]:
         """The rows left out of training (and evaluation), with the reason for each."""
         return self.row_checker.skipped
 
-    def _set_signature_columns_if_needed(self):
-        # Overridden because trl keeps only its tokenized columns (or image columns) when it removes unused columns;
-        # the PPLLaVA collators read the raw rows and their media.
-        if self._signature_columns is None:
-            self._signature_columns = list(self.row_columns)
-
-
-@dataclass
-class PPLLaVAScriptArguments:
-    """Options of PPLLaVA's training scripts that trl's configs do not have (the model options are trl's
-    `ModelConfig`: `--model_name_or_path`, `--dtype`, `--use_peft`, `--lora_r`, ...)."""
-
-    dataset_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "JSONL file of training rows (formats: ppllava_hf.training.dpo / ppllava_hf.training.sft). Default: "
-            "a tiny synthetic colour-video set written to <output_dir>/tiny_data."
-        },
-    )
-    media_folder: str | None = field(
-        default=None, metadata={"help": "Folder that relative video and image paths in the rows start from."}
-    )
-    num_frames: int = field(default=32, metadata={"help": "Frames sampled per video (the released recipes: 32)."})
-    freezing_preset: str = field(
-        default="dpo",
-        metadata={
-            "help": "Which parts learn without LoRA (under --use_peft only the adapters do).",
-            "choices": list(FREEZING_PRESETS),
-        },
-    )
-    on_bad_row: str = field(
-        default="skip",
-        metadata={
-            "help": "Rows with unreadable media, too long, or nothing to learn: skip them (with a count) or raise.",
-            "choices": list(BAD_ROW_POLICIES),
-        },
-    )
-    video_check: str = field(
-        default="open",
-        metadata={
-            "help": "Check videos before training by reading their headers (open) or by decoding them (decode).",
-            "choices": list(VIDEO_CHECKS),
-        },
-    )
-    tiny_rows: int = field(default=16, metadata={"help": "Rows of the tiny synthetic set (without --dataset_path)."})
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default and keeps the script's docstring as written."""
-
-
-def parse_script_args(
-    config_class: type[TrainingArguments], recipe: dict[str, Any], description: str
-) -> tuple[PPLLaVAScriptArguments, TrainingArguments, ModelConfig]:
-    """Parse `(PPLLaVAScriptArguments, config_class, ModelConfig)` from the command line. `recipe` replaces the
-    defaults of any flag; without `--model_name_or_path` (the tiny random model) `TINY_DEMO_DEFAULTS` replace them
-    further. Flags given on the command line always win."""
-    parser = HfArgumentParser(
-        (PPLLaVAScriptArguments, config_class, ModelConfig), description=description, formatter_class=_HelpFormatter
-    )
-    parser.set_defaults(**recipe)
-    if parser.parse_known_args()[0].model_name_or_path is None:
-        parser.set_defaults(**TINY_DEMO_DEFAULTS)
-    return parser.parse_args_into_dataclasses()
-
-
-def run_training_script(
-    trainer_class: type[Trainer],
-    config_class: type[TrainingArguments],
-    kind: Literal["preference", "sft"],
-    recipe: dict[str, Any],
-    description: str,
-) -> Trainer:
-    """The body of `examples/train_dpo.py` and `examples/train_sft.py`: parse the command line (`parse_script_args`),
-    load the model and processor (`load_model_and_processor`), apply `--freezing_preset`, load the rows
-    (`load_training_rows`), build `trainer_class` (`PPLLaVADPOTrainer` or `PPLLaVASFTTrainer`, with LoRA under
-    `--use_peft`), print its trainable parameters per part, train, and save (`save_trained_model`). Returns the trainer,
-    whose `state.log_history` holds the logged metrics."""
-    script_args, training_args, model_args = parse_script_args(config_class, recipe, description)
-    if model_args.model_name_or_path is None:
-        # The tiny model's operations are too small to gain from threads; idle ones only spin on a busy machine.
-        torch.set_num_threads(1)
-    model, processor = load_model_and_processor(model_args, script_args.num_frames, seed=training_args.seed)
-    apply_freezing_preset(model, script_args.freezing_preset)
-    dataset, media_folder = load_training_rows(script_args, training_args.output_dir, kind)
-    trainer = trainer_class(
-        model,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=processor,
-        peft_config=language_model_peft_config(model_args),
-        media_folder=media_folder,
-        on_bad_row=script_args.on_bad_row,
-        video_check=script_args.video_check,
-    )
-    print(f"Trainable parameters:\n{trainable_parameter_table(trainer.model)}")
-    if trainer.skipped_rows:
-        print(f"Skipped {len(trainer.skipped_rows)} rows; the first: {trainer.skipped_rows[0]}")
-    trainer.train()
-    save_trained_model(trainer)
-    print(f"Saved the model, processor and trainer_state.json to {training_args.output_dir}")
-    return trainer
-
-
-def load_model_and_processor(
-    model_args: ModelConfig, num_frames: int, seed: int = 0
-) -> tuple[PPLLaVAForConditionalGeneration, PPLLaVAProcessor]:
-    """The PPLLaVA model and processor at `model_args.model_name_or_path` (with its `dtype`, `attn_implementation`,
-    `model_revision`), or, without a path, a tiny random model (`tiny_config()`, seeded) with its tiny processor. The
-    processor samples `num_frames` frames per video."""
-    if model_args.model_name_or_path is None:
-        torch.manual_seed(seed)
-        config = tiny_config()
-        return PPLLaVAForConditionalGeneration(config), tiny_processor(config, num_frames=num_frames)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        dtype=model_args.dtype,
-        attn_implementation=model_args.attn_implementation,
-    )
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-    processor.video_processor.num_frames, processor.video_processor.fps = num_frames, None
-    return model, processor
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
+        """trl's `evaluate`, the rows of a dataset given here checked first (a dict is evaluated split by split, its
+        metrics prefixed `<metric_key_prefix>_<split>` as `Trainer` does)."""
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._checked(eval_dataset, metric_key_prefix, self.args)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
 
 def default_processor(model: "str | PreTrainedModel") -> ProcessorMixin:
     """The processor saved with `model` (a folder or Hub id, or a model loaded from one): what trl loads when a trainer
     gets no `processing_class`. The PPLLaVA trainers need it before trl's own `__init__` runs, to build their collator
     and check the rows."""
-    return AutoProcessor.from_pretrained(model if isinstance(model, str) else get_config_model_id(model.config))
-
-
-def load_training_rows(
-    script_args: PPLLaVAScriptArguments, output_dir: str, kind: Literal["preference", "sft"]
-) -> tuple["Dataset", str | None]:
-    """The rows to train on and the folder their media paths start from: `--dataset_path` (JSONL) with
-    `--media_folder`, or a tiny synthetic set of `--tiny_rows` rows written to `<output_dir>/tiny_data`."""
-    from datasets import load_dataset
-
-    path, media_folder = script_args.dataset_path, script_args.media_folder
-    if path is None:
-        media_folder = os.path.join(output_dir, TINY_DATA_FOLDER)
-        path = write_tiny_jsonl(media_folder, kind, script_args.tiny_rows)
-    return load_dataset("json", data_files=path, split="train"), media_folder
+    path = model if isinstance(model, str) else model.config.name_or_path
+    if not path:
+        raise ValueError(
+            f"The {type(model).__name__} was not loaded from a folder or the Hub, so there is no processor saved with "
+            "it: pass processing_class=AutoProcessor.from_pretrained(...)."
+        )
+    return AutoProcessor.from_pretrained(path)
 
 
 def language_model_lora_targets(layers: tuple[str, ...] = LANGUAGE_MODEL_LINEAR_LAYERS) -> str:
@@ -260,11 +192,13 @@ def save_trained_model(trainer: Trainer) -> PreTrainedModel:
       `import ppllava_hf`), written by `trainer.save_model()` (which gathers DeepSpeed / FSDP shards);
     - with LoRA, the adapter alone (and the processor) in `<output_dir>/adapter` (reload it onto the base model with
       `PeftModel.from_pretrained(base, path)`), and the model with the adapters merged into its weights at
-      `output_dir`. Merging needs the whole weights in one process: under DeepSpeed ZeRO-3 merge the saved adapter
-      offline instead.
+      `output_dir`. On a 4-bit / 8-bit base (QLoRA) the merged model is `merge_adapter(<output_dir>/adapter)`: the
+      base reloaded unquantized in the dtype it was loaded in, the adapter merged into it. Merging needs the whole
+      weights in one process: under DeepSpeed ZeRO-3 run `merge_adapter` offline instead.
 
-    Returns the saved model (the merged one under LoRA: merging folds the adapters into the trainer's model, so train
-    no further with this trainer).
+    Only the main process writes. Returns the saved model (the merged one under LoRA: merging folds the adapters into
+    the trainer's model, so train no further with this trainer; on a quantized base the trainer's model is left as it
+    is, and processes other than the main one return it).
     """
     output_dir = trainer.args.output_dir
     os.makedirs(output_dir, exist_ok=True)
@@ -273,27 +207,56 @@ def save_trained_model(trainer: Trainer) -> PreTrainedModel:
     if not is_peft_model(model):
         trainer.save_model(output_dir)
         return model
-    trainer.save_model(os.path.join(output_dir, ADAPTER_FOLDER))
-    merged = model.merge_and_unload()
+    adapter_folder = os.path.join(output_dir, ADAPTER_FOLDER)
+    trainer.save_model(adapter_folder)
+    if not is_quantized(model):
+        merged = model.merge_and_unload()
+    elif trainer.args.should_save:
+        merged = merge_adapter(adapter_folder, dtype=model.get_base_model().config.dtype)
+    else:
+        return model
     if trainer.args.should_save:
         merged.save_pretrained(output_dir)
         trainer.processing_class.save_pretrained(output_dir)
     return merged
 
 
+def is_quantized(model: Any) -> bool:
+    """Whether `model` (or the base model under a peft wrapper) was loaded with bitsandbytes 4-bit or 8-bit weights."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def merge_adapter(adapter_folder: str, dtype: "str | torch.dtype" = "auto") -> PreTrainedModel:
+    """The base model an adapter folder names (`base_model_name_or_path`), loaded unquantized in `dtype`, with the
+    adapter merged into its weights.
+
+    This is how a QLoRA adapter becomes a full model: merged into 4-bit weights, the sum would be rounded back to 4
+    bits; merged into the base's own weights, it is exactly what the adapted quantized model approximates. It is also
+    the offline merge for adapters trained under DeepSpeed ZeRO-3. Loads on the CPU: it needs the base's size in RAM.
+    """
+    from peft import PeftConfig, PeftModel
+
+    base_path = PeftConfig.from_pretrained(adapter_folder).base_model_name_or_path
+    if not base_path:
+        raise ValueError(
+            f"The adapter in {adapter_folder} names no base model (base_model_name_or_path): load the base with "
+            "AutoModelForImageTextToText.from_pretrained, then PeftModel.from_pretrained(base, adapter_folder)."
+        )
+    base = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_folder).merge_and_unload()
+
+
 __all__ = [
     "ADAPTER_FOLDER",
     "LANGUAGE_MODEL_LINEAR_LAYERS",
-    "PPLLaVAScriptArguments",
+    "PPLLaVAConfigMixin",
     "PPLLaVATrainerMixin",
-    "TINY_DEMO_DEFAULTS",
     "default_processor",
+    "is_quantized",
     "language_model_lora_config",
     "language_model_lora_targets",
     "language_model_peft_config",
-    "load_model_and_processor",
-    "load_training_rows",
-    "parse_script_args",
-    "run_training_script",
+    "merge_adapter",
     "save_trained_model",
 ]

@@ -20,32 +20,30 @@ Usage (`examples/train_dpo.py` is the full script):
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16)
     processor = AutoProcessor.from_pretrained(path)
-    apply_freezing_preset(model, "dpo")
-    args = DPOConfig("out", beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0], learning_rate=5e-6)
+    args = PPLLaVADPOConfig("out", media_folder=videos, num_frames=32, freezing_preset="dpo", beta=0.1,
+                            loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0], learning_rate=5e-6)
     trainer = PPLLaVADPOTrainer(model, args=args, train_dataset=load_dataset("json", data_files=jsonl, split="train"),
-                                processing_class=processor, media_folder=videos)
+                                processing_class=processor)
     trainer.train()
 """
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.data.data_collator import DataCollatorMixin
-from trl import DPOConfig, DPOTrainer
-from trl.data_utils import apply_chat_template, common_prefix_length
+from trl import DPOConfig, DPOTrainer, apply_chat_template
 
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor, last_user_text
-from .common import PPLLaVATrainerMixin
+from .common import PPLLaVAConfigMixin, PPLLaVATrainerMixin
 from .rows import (
-    ROW_INDEX,
     BadRowError,
-    BadRowPolicy,
     VideoCheck,
     adds_special_tokens,
+    chat_messages,
     check_batch_lengths,
     check_length,
     content_blocks,
@@ -56,10 +54,6 @@ from .rows import (
 )
 
 
-# The columns the collator reads; precomputed reference log-probs included.
-PREFERENCE_COLUMNS = (
-    "prompt", "chosen", "rejected", "video", "pooling_prompt", "id", ROW_INDEX, "ref_chosen_logps", "ref_rejected_logps"
-)
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values_videos", "clip_input_ids", "clip_attention_mask")
 
 
@@ -93,9 +87,9 @@ def _prompt_messages(prompt: Any) -> list[dict]:
     if isinstance(prompt, str):
         question = prompt.replace("<video>", "").replace("<image>", "").strip()
         return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    if not isinstance(prompt, list) or not prompt:
+    if not isinstance(prompt, list):
         raise BadRowError(f"its prompt must be a string or a list of messages, got {prompt!r}", kind="malformed")
-    messages = [{"role": message["role"], "content": content_blocks(message.get("content"))} for message in prompt]
+    messages = chat_messages(prompt, "prompt messages")
     media = [block["type"] for message in messages for block in message["content"] if block["type"] != "text"]
     if media and media != ["video"]:
         raise BadRowError(
@@ -136,7 +130,13 @@ def check_preference_row(
 
 
 @dataclass
-class PPLLaVAPreferenceCollator(DataCollatorMixin):
+class PPLLaVADPOConfig(PPLLaVAConfigMixin, DPOConfig):
+    """trl's `DPOConfig` with PPLLaVA's options (`media_folder`, `num_frames`, `on_bad_row`, `video_check`,
+    `freezing_preset`; see `PPLLaVAConfigMixin`): the arguments of `PPLLaVADPOTrainer`."""
+
+
+@dataclass
+class PPLLaVAPreferenceCollator:
     """Batches preference rows for trl's `DPOTrainer`: the chosen sequences, then the rejected ones.
 
     Returns `input_ids`, `attention_mask`, `completion_mask` (what `DPOTrainer` scores), and the model's visual inputs
@@ -153,9 +153,8 @@ class PPLLaVAPreferenceCollator(DataCollatorMixin):
     processor: PPLLaVAProcessor
     media_folder: str | None = None
     max_length: int | None = None
-    return_tensors: str = "pt"
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [render_preference(example, self.processor) for example in examples]
         frames = [
             load_row_video(self.processor, resolve_video(example["video"], self.media_folder), example)
@@ -193,16 +192,23 @@ class PPLLaVAPreferenceCollator(DataCollatorMixin):
         return common_prefix_length(tokenize(prompt)["input_ids"], tokenize(sequence)["input_ids"])
 
 
+def common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
+    """How many leading tokens the two sequences share."""
+    return next((index for index, (a, b) in enumerate(zip(ids, other_ids)) if a != b), min(len(ids), len(other_ids)))
+
+
 class PPLLaVADPOTrainer(PPLLaVATrainerMixin, DPOTrainer):
     """trl's `DPOTrainer` for PPLLaVA's video preference rows (format in the module docstring).
 
     Everything else is trl's: the losses (`loss_type=["sigmoid", "sft"]` with `loss_weights` for the original's SFT
-    term), the fused LM head that calls `model.base_model(**batch)`, PEFT, DeepSpeed/FSDP, logging. The additions:
+    term), the fused LM head that calls `model.base_model(**batch)`, PEFT, DeepSpeed/FSDP, logging. The additions,
+    set in `args` (a `PPLLaVADPOConfig`):
 
-    - `media_folder`: where relative video paths start.
+    - `media_folder`: where relative video paths start; `num_frames`: frames sampled per video.
     - `on_bad_row` (`"skip"` or `"raise"`) and `video_check` (`"open"` or `"decode"`): what happens to rows with a
       missing or unreadable video, identical answers, or more than `args.max_length` tokens (see
       `ppllava_hf.training.rows`); skipped rows are listed in `trainer.skipped_rows`.
+    - `freezing_preset` (`"dpo"` is the released recipe): which parts learn, applied before LoRA.
     - The reference model: with `ref_model=None`, no PEFT and no `precompute_ref_log_probs`, a frozen copy of `model`
       made before training (see `frozen_copy`). With PEFT the reference is the model with its adapters disabled
       (trl's); with `precompute_ref_log_probs=True` the initial model scores every row before training and the
@@ -211,33 +217,27 @@ class PPLLaVADPOTrainer(PPLLaVATrainerMixin, DPOTrainer):
     - The default collator is `PPLLaVAPreferenceCollator`.
 
     Pass the model loaded (`AutoModelForImageTextToText.from_pretrained`, after `import ppllava_hf`): trl loads a
-    path through `config.auto_map`, which only folders saved with remote code have. Apply a freezing preset
-    (`apply_freezing_preset(model, "dpo")`, the released recipe) before creating the trainer.
+    path through `config.auto_map`, which only folders saved with remote code have.
     """
 
-    row_columns = PREFERENCE_COLUMNS
+    _tag_names = ["trl", "dpo", "ppllava"]
 
     def __init__(
         self,
         model: "str | PreTrainedModel",
         ref_model: PreTrainedModel | None = None,
-        args: DPOConfig | None = None,
+        args: PPLLaVADPOConfig | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: PPLLaVAProcessor | None = None,
-        *,
-        media_folder: str | None = None,
-        on_bad_row: BadRowPolicy = "skip",
-        video_check: VideoCheck = "open",
         **kwargs,
     ):
-        args = args if args is not None else DPOConfig("PPLLaVA-DPO")
-        # `self.row_checker` is used by `_prepare_dataset`, which `DPOTrainer.__init__` calls.
-        processing_class = self._set_up_rows(
-            model, processing_class, check_preference_row, media_folder, on_bad_row, video_check
+        args = args if args is not None else PPLLaVADPOConfig("PPLLaVA-DPO")
+        processing_class, train_dataset, eval_dataset = self._set_up_rows(
+            model, args, PPLLaVADPOConfig, processing_class, check_preference_row, train_dataset, eval_dataset
         )
-        # trl would rebuild the reference with `from_pretrained(model.config._name_or_path)`, which needs the folder
+        # trl would rebuild the reference with `from_pretrained(model.config.name_or_path)`, which needs the folder
         # saved with an `auto_map` (PPLLaVA folders have one only when written with remote code) and an in-memory
         # model has no path; a copy of the policy as it is now is the reference by definition. (A `PeftModel` is no
         # `PreTrainedModel`: trl copies its adapter as the reference.)
@@ -246,17 +246,18 @@ class PPLLaVADPOTrainer(PPLLaVATrainerMixin, DPOTrainer):
             ref_model = frozen_copy(model)
         # Built here rather than by trl, which only knows image columns.
         if data_collator is None:
-            data_collator = PPLLaVAPreferenceCollator(processing_class, media_folder, args.max_length)
+            data_collator = PPLLaVAPreferenceCollator(processing_class, args.media_folder, args.max_length)
         super().__init__(
             model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs
         )
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # Overridden because trl tokenizes preference rows here as text, and the `<video>` of a PPLLaVA prompt cannot
-        # be tokenized without its video (trl only handles image columns itself). Rows are checked instead; the
-        # collator tokenizes them with their videos.
-        return self.row_checker(dataset, dataset_name, args.max_length, args.dataset_num_proc)
-
+        # The one trl internal PPLLaVA training overrides: trl has no public switch to skip it. `DPOTrainer.__init__`
+        # (and `evaluate`) call it for every dataset without an image column, and it tokenizes the rows as text (and
+        # appends EOS to string answers); a `<video>` prompt cannot be tokenized without its video. The rows were
+        # checked before trl's `__init__`, and the collator tokenizes them with their videos. Pinned by
+        # `test_trl_prepares_preference_datasets_through_the_one_overridden_hook`.
+        return dataset
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
@@ -268,7 +269,9 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     if any(hasattr(param, "ds_id") for param in model.parameters()):
         raise ValueError(
             "The model's parameters are partitioned by DeepSpeed ZeRO-3 and cannot be copied into a reference model: "
-            "pass ref_model=AutoModelForImageTextToText.from_pretrained(...) or set precompute_ref_log_probs=True."
+            "pass ref_model=AutoModelForImageTextToText.from_pretrained(...), set precompute_ref_log_probs=True "
+            "(--precompute_ref_log_probs True in examples/train_dpo.py), or train LoRA adapters (--use_peft), whose "
+            "reference is the model with its adapters disabled."
         )
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
@@ -276,6 +279,7 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
 
 
 __all__ = [
+    "PPLLaVADPOConfig",
     "PPLLaVADPOTrainer",
     "PPLLaVAPreferenceCollator",
     "PreferenceTexts",

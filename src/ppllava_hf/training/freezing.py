@@ -72,26 +72,32 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
+def check_freezing_preset(preset: str) -> None:
+    """Refuse an unknown preset name, listing the known ones."""
+    if preset not in FREEZING_PRESETS:
+        presets = "; ".join(f"{name!r}: {description}" for name, description in FREEZING_PRESETS.items())
+        raise ValueError(f"Unknown freezing preset {preset!r}. Presets: {presets}.")
+
+
 def _trainable_groups(preset: str, model: nn.Module) -> frozenset[str]:
     """The parts a preset trains on this model (the SFT preset reads the model's `freeze_prompt_encoder`)."""
+    check_freezing_preset(preset)
     if preset == "dpo":
         return frozenset({LANGUAGE_MODEL, LM_HEAD})
-    if preset == "sft":
-        frozen = {VISION_TOWER}
-        if _find(model, PPLLaVAModel).config.freeze_prompt_encoder:
-            frozen.add(PROMPT_ENCODER)
-        return frozenset(PARAMETER_GROUPS) - frozen
-    presets = "; ".join(f"{name!r}: {description}" for name, description in FREEZING_PRESETS.items())
-    raise ValueError(f"Unknown freezing preset {preset!r}. Presets: {presets}.")
+    frozen = {VISION_TOWER}
+    if _find(model, PPLLaVAModel).config.freeze_prompt_encoder:
+        frozen.add(PROMPT_ENCODER)
+    return frozenset(PARAMETER_GROUPS) - frozen
 
 
 def apply_freezing_preset(model: nn.Module, preset: str) -> "TrainableParameterTable":
     """Set `requires_grad` on every parameter of a PPLLaVA model as the preset says (see `FREEZING_PRESETS`); returns
-    the resulting trainable-parameter table. Parameters outside the known parts are frozen."""
+    the resulting trainable-parameter table. Parameters outside the known parts are frozen, and so are quantized
+    weights (4-bit / 8-bit integers cannot learn; LoRA adapters learn for them)."""
     trainable = _trainable_groups(preset, model)
     for name, params in parameter_groups(model).items():
         for param in params:
-            param.requires_grad_(name in trainable)
+            param.requires_grad_(name in trainable and param.is_floating_point())
     return trainable_parameter_table(model)
 
 
@@ -150,6 +156,7 @@ __all__ = [
     "PARAMETER_GROUPS",
     "TrainableParameterTable",
     "apply_freezing_preset",
+    "check_freezing_preset",
     "parameter_groups",
     "trainable_parameter_table",
 ]

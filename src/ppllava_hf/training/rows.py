@@ -90,28 +90,64 @@ def check_options(on_bad_row: str, video_check: str) -> None:
 # A row: its messages, media and length
 
 
+def chat_messages(messages: Any, what: str = "messages") -> list[dict]:
+    """A row's conversation as fresh `{"role", "content"}` messages with content blocks (see `content_blocks`), or
+    `BadRowError` naming what is malformed (ShareGPT's `from`/`value` turns included)."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRowError(f"its {what} must be a non-empty list of turns, got {messages!r}", kind="malformed")
+    turns = []
+    for index, message in enumerate(messages):
+        if isinstance(message, dict) and message.get("role") is None and message.get("from") is not None:
+            raise BadRowError(
+                f"its {what} are in ShareGPT form ({{'from', 'value'}}); give each turn as {{'role': 'user' | "
+                "'assistant' | 'system', 'content': ...}} (e.g. from 'human' -> role 'user', from 'gpt' -> role "
+                "'assistant', value -> content)",
+                kind="malformed",
+            )
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise BadRowError(
+                f"turn {index} of its {what} needs a 'role' of 'system', 'user' or 'assistant', got {message!r}",
+                kind="malformed",
+            )
+        turns.append({"role": message["role"], "content": content_blocks(message.get("content"))})
+    return turns
+
+
 def content_blocks(content: Any) -> list[dict]:
     """Chat message content as a fresh list of blocks (a string becomes one text block); `None` fields, which a
-    `datasets` struct column adds for the keys other blocks have, are dropped."""
+    `datasets` struct column adds for the keys other blocks have, are dropped. A block without a known `type` raises
+    `BadRowError`."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
-    return [{key: value for key, value in block.items() if value is not None} for block in content or []]
+    if content is not None and not isinstance(content, list):
+        raise BadRowError(f"message content must be a string or a list of blocks, got {content!r}", kind="malformed")
+    blocks = []
+    for block in content or []:
+        if not isinstance(block, dict) or block.get("type") not in ("text", "video", "image"):
+            raise BadRowError(
+                f"each content block needs a 'type' of 'text', 'video' or 'image', got {block!r}", kind="malformed"
+            )
+        if block["type"] == "text" and not isinstance(block.get("text"), str):
+            raise BadRowError(f"a text block needs its 'text', got {block!r}", kind="malformed")
+        blocks.append({key: value for key, value in block.items() if value is not None})
+    return blocks
 
 
 def resolve_video(video: Any, folder: str | None) -> str | np.ndarray | torch.Tensor:
     """A row's video as the processor takes it: a file path (joined to `folder` when relative), or frames.
 
-    Frames are a `(T, H, W, 3)` uint8 array or tensor; the nested lists a `datasets.Dataset` returns them as become an
-    array again.
+    Frames are an array or tensor, uint8 in 0..255 or float in [0, 1], that the processor converts (the nested lists
+    a `datasets.Dataset` returns them as become an array again, keeping their values).
     """
     if isinstance(video, (str, os.PathLike)):
         return _join(folder, video)
     if isinstance(video, (np.ndarray, torch.Tensor)):
         return video
     if isinstance(video, (list, tuple)):
-        return np.asarray(video, dtype=np.uint8)
+        return np.asarray(video)
     raise BadRowError(
-        f"A video must be a file path or (T, H, W, 3) uint8 frames, got {type(video).__name__}.", kind="malformed"
+        f"A video must be a file path or (T, H, W, 3) frames (uint8, or float in [0, 1]), got {type(video).__name__}.",
+        kind="malformed",
     )
 
 
@@ -121,7 +157,7 @@ def resolve_image(image: Any, folder: str | None) -> Any:
     if isinstance(image, (str, os.PathLike)):
         return _join(folder, image)
     if isinstance(image, (list, tuple)):
-        return np.asarray(image, dtype=np.uint8)
+        return np.asarray(image)
     return image
 
 
@@ -163,7 +199,11 @@ def count_video_frames(processor: PPLLaVAProcessor, video: Any, video_check: Vid
         sample = getattr(video_processor, "do_sample_frames", None) is not False
         num_frames, fps = (video_processor.num_frames, video_processor.fps) if sample else (None, None)
         with PyAVVideoReader(video) as reader:
-            return len(sample_frame_indices(reader.total_num_frames, num_frames, fps, reader.fps))
+            return len(
+                sample_frame_indices(
+                    reader.total_num_frames, num_frames, fps, reader.fps, max_frames=video_processor.max_num_frames
+                )
+            )
     return len(load_video_frames(processor, [video])[0])
 
 
@@ -263,6 +303,9 @@ def check_rows(
             return {_KIND: error.kind, _PROBLEM: str(error), ROW_INDEX: index}
         except VideoDecodingError as error:
             return {_KIND: "unreadable video", _PROBLEM: str(error), ROW_INDEX: index}
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            # A shape no check above names (e.g. frames the processor refuses): still this row's problem, not the run's.
+            return {_KIND: "malformed", _PROBLEM: f"{type(error).__name__}: {error}", ROW_INDEX: index}
         return {_KIND: "", _PROBLEM: "", ROW_INDEX: index}
 
     checked = dataset.map(
@@ -332,5 +375,6 @@ __all__ = [
     "RowChecker",
     "SkippedRow",
     "VideoCheck",
+    "check_options",
     "check_rows",
 ]

@@ -26,30 +26,26 @@ column to choose another text per row.
 
 Usage (`examples/train_sft.py` is the full script):
 
-    apply_freezing_preset(model, "sft")
-    trainer = PPLLaVASFTTrainer(model, args=SFTConfig("out", learning_rate=2e-5, lr_scheduler_type="cosine"),
-                                train_dataset=conversations, processing_class=processor, media_folder=videos)
+    args = PPLLaVASFTConfig("out", media_folder=videos, num_frames=32, freezing_preset="sft", learning_rate=2e-5,
+                            lr_scheduler_type="cosine")
+    trainer = PPLLaVASFTTrainer(model, args=args, train_dataset=conversations, processing_class=processor)
     trainer.train()
 """
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
-from transformers.data.data_collator import DataCollatorMixin
 from trl import SFTConfig, SFTTrainer
 
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
-from .common import PPLLaVATrainerMixin
+from .common import PPLLaVAConfigMixin, PPLLaVATrainerMixin
 from .rows import (
-    ROW_INDEX,
     BadRowError,
-    BadRowPolicy,
     VideoCheck,
+    chat_messages,
     check_batch_lengths,
     check_length,
-    content_blocks,
     load_row_video,
     resolve_image,
     resolve_video,
@@ -58,17 +54,13 @@ from .rows import (
 )
 
 
-CONVERSATION_COLUMNS = ("messages", "video", "videos", "image", "images", "pooling_prompt", "id", ROW_INDEX)
 _MEDIA = {"video": ("video", "videos", resolve_video), "image": ("image", "images", resolve_image)}
 
 
 def conversation_with_media(row: dict[str, Any], media_folder: str | None = None) -> list[dict]:
     """The row's conversation as chat messages whose every video / image block holds its file path or frames (the
     form `processor.apply_chat_template(tokenize=True)` reads). Raises `BadRowError` for a malformed row."""
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRowError(f"its messages must be a non-empty list of turns, got {messages!r}", kind="malformed")
-    messages = [{"role": message["role"], "content": content_blocks(message.get("content"))} for message in messages]
+    messages = chat_messages(row.get("messages"))
     if not any(message["role"] == "assistant" for message in messages):
         raise BadRowError("its conversation has no assistant turn to learn from", kind="no assistant turn")
     for modality, (single, several, resolve) in _MEDIA.items():
@@ -121,7 +113,20 @@ def check_conversation_row(
 
 
 @dataclass
-class PPLLaVASFTCollator(DataCollatorMixin):
+class PPLLaVASFTConfig(PPLLaVAConfigMixin, SFTConfig):
+    """trl's `SFTConfig` with PPLLaVA's options (`media_folder`, `num_frames`, `on_bad_row`, `video_check`,
+    `freezing_preset`; see `PPLLaVAConfigMixin`): the arguments of `PPLLaVASFTTrainer`."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        # trl tokenizes text datasets itself before training (it skips that only for datasets with an image column);
+        # PPLLaVA rows are tokenized by the collator, with their media, so preparation is always skipped. (Set after
+        # trl's own `__post_init__`, which parses `--dataset_kwargs` from JSON.)
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+
+
+@dataclass
+class PPLLaVASFTCollator:
     """Batches conversations for trl's `SFTTrainer`: `input_ids`, `attention_mask`, `labels` (everything but the
     assistant turns is `-100`) and the model's visual inputs (`pixel_values_videos`, `clip_input_ids`,
     `clip_attention_mask`, and `pixel_values`, `image_sizes` for images).
@@ -134,9 +139,8 @@ class PPLLaVASFTCollator(DataCollatorMixin):
     processor: PPLLaVAProcessor
     media_folder: str | None = None
     max_length: int | None = None
-    return_tensors: str = "pt"
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         conversations = [self._decoded(example) for example in examples]
         batch = self.processor.apply_chat_template(
             conversations,
@@ -168,48 +172,38 @@ class PPLLaVASFTCollator(DataCollatorMixin):
 class PPLLaVASFTTrainer(PPLLaVATrainerMixin, SFTTrainer):
     """trl's `SFTTrainer` for PPLLaVA conversations with videos and images (format in the module docstring).
 
-    The loss, PEFT, DeepSpeed/FSDP, logging are trl's. The additions: `media_folder` (where relative media paths
-    start), `on_bad_row` / `video_check` (see `ppllava_hf.training.rows`; skipped rows are listed in
-    `trainer.skipped_rows`), and the default collator `PPLLaVASFTCollator`, which trains on the assistant turns.
-
-    Apply a freezing preset (`apply_freezing_preset(model, "sft")`, the released recipe) before creating the trainer.
+    The loss, PEFT, DeepSpeed/FSDP, logging are trl's. The additions, set in `args` (a `PPLLaVASFTConfig`):
+    `media_folder` (where relative media paths start), `num_frames`, `on_bad_row` / `video_check` (see
+    `ppllava_hf.training.rows`; skipped rows are listed in `trainer.skipped_rows`), `freezing_preset` (`"sft"` is the
+    released recipe); and the default collator `PPLLaVASFTCollator`, which trains on the assistant turns.
     """
 
-    row_columns = CONVERSATION_COLUMNS
+    _tag_names = ["trl", "sft", "ppllava"]
 
     def __init__(
         self,
         model: Any,
-        args: SFTConfig | None = None,
+        args: PPLLaVASFTConfig | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: PPLLaVAProcessor | None = None,
-        *,
-        media_folder: str | None = None,
-        on_bad_row: BadRowPolicy = "skip",
-        video_check: VideoCheck = "open",
         **kwargs,
     ):
-        args = args if args is not None else SFTConfig("PPLLaVA-SFT")
-        processing_class = self._set_up_rows(
-            model, processing_class, check_conversation_row, media_folder, on_bad_row, video_check
+        args = args if args is not None else PPLLaVASFTConfig("PPLLaVA-SFT")
+        processing_class, train_dataset, eval_dataset = self._set_up_rows(
+            model, args, PPLLaVASFTConfig, processing_class, check_conversation_row, train_dataset, eval_dataset
         )
-        # trl tokenizes text datasets itself before training, and skips that for datasets with an image column only;
-        # PPLLaVA rows are tokenized by the collator, with their media, so preparation is always skipped. The rows are
-        # checked here instead, since `SFTTrainer._prepare_dataset` is not called for every dataset.
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        check = partial(self.row_checker, max_length=args.max_length, num_proc=args.dataset_num_proc)
-        train_dataset = check(train_dataset, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: check(dataset, name) for name, dataset in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = check(eval_dataset, "eval")
         # Built here rather than by trl, which only knows image columns.
         if data_collator is None:
-            data_collator = PPLLaVASFTCollator(processing_class, media_folder, args.max_length)
+            data_collator = PPLLaVASFTCollator(processing_class, args.media_folder, args.max_length)
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
 
 
-
-__all__ = ["PPLLaVASFTCollator", "PPLLaVASFTTrainer", "check_conversation_row", "conversation_with_media"]
+__all__ = [
+    "PPLLaVASFTCollator",
+    "PPLLaVASFTConfig",
+    "PPLLaVASFTTrainer",
+    "check_conversation_row",
+    "conversation_with_media",
+]

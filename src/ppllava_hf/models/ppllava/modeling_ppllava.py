@@ -28,6 +28,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
 from .configuration_ppllava import PPLLaVAConfig
+from .input_checks_ppllava import check_attended_rows, check_labels, check_pixel_batch, check_token_ids
 from .token_counts_ppllava import (
     PoolingPlan,
     Triple,
@@ -667,6 +668,10 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
 class PPLLaVAModel(PPLLaVAPreTrainedModel):
     """PPLLaVA without its LM head: visual tokens pooled under the guidance of the prompt, scattered into the text."""
 
+    # What transformers' quantizers (bitsandbytes 4/8-bit, ...) leave unquantized: everything but the language model.
+    # The list's other effect is transformers' own: a float16 (not bfloat16) load keeps these parts in float32.
+    _keep_in_fp32_modules = ["vision_tower", "btadapter", "prompt_alignment", "multi_modal_projector"]
+
     def __init__(self, config: PPLLaVAConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -837,6 +842,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
 
     def get_prompt_embeds(self, clip_input_ids: torch.LongTensor, clip_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One prompt embedding per row of `clip_input_ids` `(rows, prompt_dim)`, before normalisation."""
+        check_token_ids(
+            clip_input_ids, "clip_input_ids", self.config.prompt_encoder_config.vocab_size,
+            "prompt encoder's tokenizer (the processor's prompt_tokenizer)",
+        )
         return self.prompt_alignment.encode_prompt(clip_input_ids, clip_attention_mask)
 
     def _prompts_for_items(
@@ -891,12 +900,13 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             )
         return relevance[0], torch.cat(blocks, dim=1)[0]
 
-    @staticmethod
-    def _clip_list(pixel_values: torch.Tensor | list[torch.Tensor], name: str = "pixel_values_videos") -> list[torch.Tensor]:
-        """Clips `(frames, 3, H, W)` from a 5-D tensor or a list (videos, or the images of multi-image groups)."""
+    def _clip_list(self, pixel_values: torch.Tensor | list[torch.Tensor], name: str) -> list[torch.Tensor]:
+        """Clips `(frames, 3, H, W)`, checked, from a 5-D tensor or a list: the videos of `pixel_values_videos`, or the
+        image groups of `pixel_values_multi_image`."""
         if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim != 5:
             items = "videos, frames" if name == "pixel_values_videos" else "groups, images"
             raise ValueError(f"{name} must be ({items}, 3, height, width), got shape {tuple(pixel_values.shape)}.")
+        check_pixel_batch(pixel_values, name, self.config.vision_config.image_size)
         return list(pixel_values)
 
     def _encode_clips(
@@ -925,8 +935,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
@@ -947,10 +955,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         Returns a [`PPLLaVAVisualOutput`]: the tokens of each video in `pooler_output`, the selected vision features of
         every frame in `last_hidden_state`, the relevance of each video in `relevance`.
         """
-        videos = self._clip_list(pixel_values_videos)
+        videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
         plans = [self.video_pooling_plan(video.shape[0], max_visual_tokens) for video in videos]
-        output = self._encode_clips(videos, prompts, plans, *self._vision_output_flags(output_hidden_states, output_attentions))
+        output = self._encode_clips(videos, prompts, plans, *self._vision_output_flags(kwargs))
         return self._return(output, return_dict)
 
     def get_multi_image_features(
@@ -959,8 +967,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
@@ -983,7 +989,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         groups = self._clip_list(pixel_values_multi_image, "pixel_values_multi_image")
         prompts = self._prompts_for_items(len(groups), "multi-image group", clip_input_ids, clip_attention_mask, prompt_embeds)
         plans = [self.image_pooling_plan(group.shape[0]) for group in groups]
-        output = self._encode_clips(groups, prompts, plans, *self._vision_output_flags(output_hidden_states, output_attentions))
+        output = self._encode_clips(groups, prompts, plans, *self._vision_output_flags(kwargs))
         return self._return(output, return_dict)
 
     def get_image_features(
@@ -993,8 +999,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
@@ -1013,11 +1017,12 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         config = self.config
         tile_size = config.vision_config.image_size
+        check_pixel_batch(pixel_values, "pixel_values", tile_size)
         sizes = [tuple(int(v) for v in size) for size in image_sizes]
         tile_counts = [num_anyres_tiles(size, config.image_grid_pinpoints, tile_size) for size in sizes]
         tiles = [image[:count] for image, count in zip(pixel_values, tile_counts)]
         prompts = self._prompts_for_items(len(tiles), "image", clip_input_ids, clip_attention_mask, prompt_embeds)
-        output_hidden_states, output_attentions = self._vision_output_flags(output_hidden_states, output_attentions)
+        output_hidden_states, output_attentions = self._vision_output_flags(kwargs)
         vision = self.encode_frames(torch.cat(tiles), [1] * sum(tile_counts), output_hidden_states, output_attentions)
         tokens, relevance = [], []
         for image_features, size, prompt in zip(vision.last_hidden_state.split(tile_counts), sizes, prompts):
@@ -1029,8 +1034,13 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         output = PPLLaVAVisualOutput(**vision, pooler_output=tokens, relevance=relevance)
         return self._return(output, return_dict)
 
-    def _vision_output_flags(self, output_hidden_states: bool | None, output_attentions: bool | None) -> tuple[bool, bool]:
-        """The requested vision outputs, defaulting to the config's settings as transformers models do."""
+    def _vision_output_flags(self, kwargs: dict) -> tuple[bool, bool]:
+        """The requested vision outputs (`output_hidden_states` / `output_attentions` in the keyword arguments),
+        defaulting to the config's settings as transformers models do. They stay keyword arguments, not named
+        parameters: `generate` removes from its model kwargs every named parameter of `get_*_features`, which would take
+        them away from the language model's forward."""
+        output_hidden_states = kwargs.get("output_hidden_states")
+        output_attentions = kwargs.get("output_attentions")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if output_attentions is None:
@@ -1046,7 +1056,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
     ) -> list[torch.Tensor]:
         """Prompt relevance of every patch of each video, `(frames, rows, columns)` float32 summing to one: where in space
         and time the model looks for the prompt (the weights of its pooling)."""
-        videos = self._clip_list(pixel_values_videos)
+        videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, None)
         return [
             self._relevance(self.encode_frames(video, [video.shape[0]]).last_hidden_state, prompt)[0]
@@ -1160,7 +1170,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         if image_parts:
             outputs["image"] = _in_placeholder_order(image_parts)
         if pixel_values_videos is not None:
-            videos = self._clip_list(pixel_values_videos)
+            videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
             counts = [self.video_pooling_plan(video.shape[0], max_visual_tokens).num_tokens for video in videos]
             mask = self._placeholder_mask(self.config.video_token_id, input_ids, inputs_embeds)
             rows = self._owner_rows(mask, counts, "video")
@@ -1234,6 +1244,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         has_pixels = any(pixels is not None for pixels in (pixel_values, pixel_values_videos, pixel_values_multi_image))
         if has_pixels and mm_encoder_outputs is not None:
             raise ValueError("Pass either pixel inputs or mm_encoder_outputs, not both.")
+        if (input_ids if input_ids is not None else inputs_embeds).shape[1] > 1:  # a prompt, not a decoding step
+            if input_ids is not None:
+                vocab_size = self.config.text_config.vocab_size
+                check_token_ids(input_ids, "input_ids", vocab_size, "LLM tokenizer (the processor's tokenizer)")
+            check_attended_rows(attention_mask)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if has_pixels:
@@ -1370,6 +1385,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     """PPLLaVA with its LM head: video/image + text in, text out."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _keep_in_fp32_modules = [f"model.{name}" for name in PPLLaVAModel._keep_in_fp32_modules]
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: PPLLaVAConfig):
@@ -1452,6 +1468,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         >>> output = model.generate(**inputs, max_new_tokens=64)
         >>> processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         ```"""
+        if labels is not None:
+            check_labels(labels, (input_ids if input_ids is not None else inputs_embeds).shape)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1494,6 +1512,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         max_visual_tokens = kwargs.pop("max_visual_tokens", None)
         if inputs is None and "input_ids" in kwargs:
             inputs = kwargs.pop("input_ids")
+        check_attended_rows(kwargs.get("attention_mask"))
         inputs, kwargs = _move_right_padding_left(inputs, kwargs)
         if any(visual[key] is not None for key in ("pixel_values", "pixel_values_videos", "pixel_values_multi_image")):
             if kwargs.get("mm_encoder_outputs") is not None:

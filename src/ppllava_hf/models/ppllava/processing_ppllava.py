@@ -102,6 +102,8 @@ def last_user_text(conversation: list[dict]) -> str:
 
 
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
+# from_pretrained options that say where the files are, passed on to the config lookup.
+_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 # Role markers of the chat templates, removed (with the special tokens) when the pooling prompt falls back to the text.
 _TEMPLATE_MARKUP = re.compile(r"<\|im_start\|>(?:system|user|assistant)\n|\b(?:USER|ASSISTANT): ?")
 
@@ -279,6 +281,27 @@ class PPLLaVAProcessor(ProcessorMixin):
         processor.check_config(config)
         return processor
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "PPLLaVAProcessor":
+        """transformers' loading, then the checks that the parts of the folder belong together: the prompt tokenizer
+        must not be the LLM tokenizer (transformers falls back to the root folder's tokenizer when the folder lacks
+        its `prompt_tokenizer/`), and where the folder holds the model's config, `check_config` must pass."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if processor.prompt_tokenizer.get_vocab() == processor.tokenizer.get_vocab():
+            raise ValueError(
+                f"The prompt tokenizer loaded from {pretrained_model_name_or_path!r} is the LLM tokenizer: the folder has "
+                "no prompt_tokenizer/ subfolder. Save the processor with its prompt tokenizer (the CLIP/SigLIP "
+                "tokenizer of the prompt encoder), or pass prompt_tokenizer=... to from_pretrained."
+            )
+        hub_options = {key: kwargs[key] for key in _HUB_OPTIONS if key in kwargs}
+        try:
+            config_dict, _ = PPLLaVAConfig.get_config_dict(pretrained_model_name_or_path, **hub_options)
+        except OSError:
+            config_dict = {}
+        if config_dict.get("model_type") == PPLLaVAConfig.model_type:  # else a processor saved on its own
+            processor.check_config(PPLLaVAConfig.from_dict(config_dict))
+        return processor
+
     def check_config(self, config: PPLLaVAConfig) -> None:
         """Raise a `ValueError` naming every setting where this processor and `config` would disagree on token ids or
         counts."""
@@ -290,11 +313,7 @@ class PPLLaVAProcessor(ProcessorMixin):
             )
         if len(self.tokenizer) > config.text_config.vocab_size:
             problems.append(f"the tokenizer has {len(self.tokenizer)} tokens, the LLM {config.text_config.vocab_size}")
-        if len(self.prompt_tokenizer) > config.prompt_encoder_config.vocab_size:
-            problems.append(
-                f"the prompt tokenizer has {len(self.prompt_tokenizer)} tokens, the prompt encoder "
-                f"{config.prompt_encoder_config.vocab_size}"
-            )
+        problems += prompt_tokenizer_problems(self.prompt_tokenizer, config.prompt_encoder_config)
         if self.patch_grid != tuple(config.patch_grid):
             problems.append(f"patch grid {self.patch_grid} vs the vision tower's {tuple(config.patch_grid)}")
         if self.prompt_max_length > config.prompt_encoder_config.max_position_embeddings:
@@ -524,6 +543,24 @@ class PPLLaVAProcessor(ProcessorMixin):
                 f"Video frames ({height}x{width}) and image tiles ({crop.height}x{crop.width}) must both be the vision "
                 "tower's square input size."
             )
+
+
+def prompt_tokenizer_problems(prompt_tokenizer: PreTrainedTokenizerBase, prompt_config) -> list[str]:
+    """Why `prompt_tokenizer` cannot be the tokenizer of the prompt encoder `prompt_config` (CLIP or SigLIP text): ids
+    beyond its embeddings, or for CLIP an end-of-text token other than the one its pooler reads the prompt at."""
+    if len(prompt_tokenizer) > prompt_config.vocab_size:
+        return [f"the prompt tokenizer has {len(prompt_tokenizer)} tokens, the prompt encoder {prompt_config.vocab_size}"]
+    if prompt_config.model_type != "clip_text_model":
+        return []
+    # CLIP pools the prompt at its end-of-text token: the config's eos id, or with legacy configs (eos id 2, as in
+    # OpenAI's) the highest id of the row, which CLIP's tokenizer gives its end-of-text token.
+    expected = len(prompt_tokenizer) - 1 if prompt_config.eos_token_id == 2 else prompt_config.eos_token_id
+    if prompt_tokenizer.eos_token_id == expected:
+        return []
+    return [
+        f"the prompt tokenizer ends a prompt with id {prompt_tokenizer.eos_token_id}, but the CLIP prompt encoder pools "
+        f"the prompt at id {expected} (is it the prompt encoder's tokenizer?)"
+    ]
 
 
 def align_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, config: PPLLaVAConfig) -> None:

@@ -4,13 +4,14 @@ file when few frames are wanted, and folders of frame images (MVBench's Episodic
 PyAV (`av`) is imported inside the functions that decode, so this module loads where it is not installed.
 """
 
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.utils import logging
 from transformers.video_utils import VideoMetadata
 
@@ -43,6 +44,7 @@ def sample_frame_indices(
     video_fps: float | None = None,
     start_time: float | None = None,
     end_time: float | None = None,
+    max_frames: int | None = None,
 ) -> list[int]:
     """Indices of the frames PPLLaVA looks at: the middle of each of `num_frames` equal segments of the clip.
 
@@ -58,18 +60,22 @@ def sample_frame_indices(
         total_num_frames: frames in the video.
         num_frames: frames to sample; exclusive with `fps`. With neither, every frame of the clip is returned.
         fps: sample `int(clip_seconds * fps)` frames (at least one) with the same rule instead; needs `video_fps`.
+            An `fps` above the video's own rate is capped at it (every frame once, with a warning): a video holds no
+            frames between its frames.
         video_fps: frame rate of the video; needed by `fps`, `start_time` and `end_time`.
-        start_time, end_time: bounds of the clip in seconds. An `end_time` beyond the video is clamped to its last
-            frame (as the original does); a `start_time` at or beyond the end is an error.
+        start_time, end_time: bounds of the clip in seconds. Both must be finite, with `0 <= start_time < end_time`,
+            `end_time > 0` and `start_time` inside the video; an `end_time` beyond the video is clamped to its last
+            frame (as the original does).
+        max_frames: refuse (before any frame is read) to sample more frames than this.
     """
     if total_num_frames < 1:
         raise VideoDecodingError("The video has no frames to sample from.")
     if num_frames is not None and fps is not None:
         raise ValueError(f"Sample frames with either `num_frames` or `fps`, not both (got {num_frames=}, {fps=}).")
-    if num_frames is not None and num_frames < 1:
-        raise ValueError(f"num_frames must be a positive number of frames, got {num_frames}.")
-    if fps is not None and fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}.")
+    if num_frames is not None and not _is_positive_whole_number(num_frames):
+        raise ValueError(f"num_frames must be a positive whole number of frames, got {num_frames!r}.")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number of frames per second, got {fps}.")
     needs_rate = fps is not None or start_time is not None or end_time is not None
     if needs_rate and not video_fps:
         raise ValueError(
@@ -77,12 +83,35 @@ def sample_frame_indices(
             "with `fps` for frame arrays, or a video file."
         )
     first, last = _clip_bounds(total_num_frames, video_fps, start_time, end_time)
+    if fps is not None and fps > video_fps:
+        logger.warning(
+            f"fps={fps:g} is above the video's {video_fps:g} frames per second; sampling at {video_fps:g} (every frame "
+            "once) instead of repeating frames."
+        )
+        fps = video_fps
+    clip_frames = last - first + 1
+    if num_frames is not None:
+        count, requested = num_frames, f"num_frames={num_frames}"
+    elif fps is not None:
+        count = max(1, int(clip_frames / video_fps * fps))
+        requested = f"fps={fps:g} over the {clip_frames / video_fps:.1f} s clip"
+    else:
+        count, requested = clip_frames, "every frame of the clip"
+    if max_frames is not None and count > max_frames:
+        raise ValueError(
+            f"Sampling {requested} takes {count} frames, above the limit of {max_frames} per video (each frame is "
+            "decoded, resized and run through the vision tower). Ask for fewer frames (num_frames=... or a lower "
+            "fps), or raise the video processor's `max_num_frames` if you mean it."
+        )
     if num_frames is None and fps is None:
         return list(range(first, last + 1))
-    if fps is not None:
-        num_frames = max(1, int((last - first + 1) / video_fps * fps))
+    num_frames = count
     segment = float(last - first) / num_frames
     return [int(first + segment / 2 + np.round(segment * i)) for i in range(num_frames)]
+
+
+def _is_positive_whole_number(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
 def _clip_bounds(
@@ -91,8 +120,13 @@ def _clip_bounds(
     """First and last frame index of the [start_time, end_time] clip, validated against the video's length."""
     last_frame = total_num_frames - 1
     duration = total_num_frames / video_fps if video_fps else None
+    for name, bound in (("start_time", start_time), ("end_time", end_time)):
+        if bound is not None and not math.isfinite(bound):
+            raise ValueError(f"{name} must be a finite number of seconds, got {bound}.")
     if start_time is not None and start_time < 0:
         raise ValueError(f"start_time must be >= 0 seconds, got {start_time}.")
+    if end_time is not None and end_time <= 0:
+        raise ValueError(f"end_time must be > 0 seconds (the clip ends after the video starts), got {end_time}.")
     if start_time is not None and end_time is not None and start_time >= end_time:
         raise ValueError(f"start_time ({start_time} s) must come before end_time ({end_time} s).")
     if start_time is not None and start_time >= duration:
@@ -112,7 +146,11 @@ class PyAVVideoReader:
     checked by its presentation time (pts), and a seek that overshoots falls back to decoding from the start. Near
     frames are decoded in sequence. Only the requested frames are kept, so memory grows with them, not with the file.
 
-    `num_decoded_frames` counts every frame the decoder produced, for diagnostics and tests.
+    Frames come out as players show them: the display matrix the container declares (a phone video recorded in
+    portrait is stored sideways with a 90-degree rotation; some cameras also mirror) is applied to each frame.
+
+    `num_decoded_frames` counts every frame the decoder produced, for diagnostics and tests. `is_image` says that
+    FFmpeg reads the file as a still image (JPEG, PNG, BMP, WebP, TIFF, ...), which `decode_video` reads with Pillow.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -136,6 +174,7 @@ class PyAVVideoReader:
                 f"{path!r} has no video stream (audio-only or data file); pass a file with video, or decoded frames."
             )
         self.path = path
+        self.is_image = any(name.endswith("_pipe") or name == "image2" for name in self._container.format.name.split(","))
         self._stream = self._container.streams.video[0]
         self._av_error = av.error.FFmpegError
         rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
@@ -149,6 +188,8 @@ class PyAVVideoReader:
         self._frame_pts = 1.0 / (self.fps * self._time_base)
         self.num_decoded_frames = 0
         self.frame_count_is_exact = bool(self._stream.frames)
+        self.declared_duration = self._declared_stream_duration()
+        self.packets_end: float | None = None  # set by count_packets
         self.total_num_frames = self._stream.frames or self._estimated_frame_count() or self.count_packets()
         if self.total_num_frames < 1:
             self.close()
@@ -158,10 +199,24 @@ class PyAVVideoReader:
     def duration(self) -> float:
         return self.total_num_frames / self.fps
 
+    def _declared_stream_duration(self) -> float | None:
+        """Seconds the video stream itself says it lasts (its duration field, or the `DURATION` tag Matroska files
+        carry per stream); None when only the container's duration, which covers every stream, is known."""
+        if self._stream.duration:
+            return self._stream.duration * self._time_base
+        tag = self._stream.metadata.get("DURATION") or self._stream.metadata.get("duration")
+        if tag:
+            try:
+                hours, minutes, seconds = tag.split(":")
+                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            except ValueError:
+                return None
+        return None
+
     def _estimated_frame_count(self) -> int:
         """Frames implied by the stream (else container) duration, for containers that do not store a count (mkv, webm)."""
-        if self._stream.duration:
-            seconds = self._stream.duration * self._time_base
+        if self.declared_duration:
+            seconds = self.declared_duration
         elif self._container.duration:
             seconds = self._container.duration / 1_000_000
         else:
@@ -169,14 +224,35 @@ class PyAVVideoReader:
         return round(seconds * self.fps)
 
     def count_packets(self) -> int:
-        """Exact frame count by demuxing (not decoding) every packet of the video stream, in a separate pass."""
+        """Exact frame count by demuxing (not decoding) every packet of the video stream, in a separate pass; also sets
+        `packets_end`, the second (from the first frame) at which the last of them ends."""
+        count, end = 0, 0
         try:
             with _import_av().open(self.path) as container:
-                count = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+                for packet in container.demux(container.streams.video[0]):
+                    if packet.size:
+                        count += 1
+                        if packet.pts is not None:
+                            end = max(end, packet.pts - self._start_pts + max(packet.duration or 0, self._frame_pts))
         except self._av_error as error:
             raise VideoDecodingError(f"{self.path!r} is corrupt or truncated: reading it failed with {error}.") from error
         self.frame_count_is_exact = True
+        self.packets_end = end * self._time_base
         return count
+
+    def truncation(self) -> str | None:
+        """Why the file counts as truncated, or None: its frames (counted by `count_packets`) end more than two frames
+        before the end its video stream declares. A length known only from the container (which also covers audio)
+        or estimated (MPEG-TS) is no declaration: such a file is read as what it holds."""
+        if self.declared_duration is None or self.packets_end is None:
+            return None
+        if self.declared_duration - self.packets_end <= 2 / self.fps:
+            return None
+        return (
+            f"{self.path!r} is truncated: its video stream declares {self.declared_duration:.2f} s but its frames end at "
+            f"{self.packets_end:.2f} s ({self.total_num_frames} frames). Download or copy it again, or repair it (e.g. "
+            "`ffmpeg -i in -c copy out.mkv` keeps the frames it has)."
+        )
 
     def read(self, indices: Sequence[int]) -> tuple[np.ndarray, list[float]]:
         """RGB frames `(len(indices), height, width, 3)` uint8 at `indices` (any order, repeats allowed), and the
@@ -217,8 +293,25 @@ class PyAVVideoReader:
                 )
             last_pts = frame.pts
             seconds = (frame.pts - self._start_pts) * self._time_base
-            found[index] = (frame.to_ndarray(format="rgb24"), round(seconds, 6))
+            found[index] = (self._as_displayed(frame), round(seconds, 6))
         return found
+
+    def _as_displayed(self, frame) -> np.ndarray:
+        """RGB array of `frame` as players show it: mirrored, then rotated counterclockwise by `frame.rotation`, as its
+        display matrix says (a mirrored matrix reads as a rotation after a vertical flip)."""
+        array = frame.to_ndarray(format="rgb24")
+        matrix = frame.side_data.get(_import_av().sidedata.sidedata.Type.DISPLAYMATRIX)
+        if matrix is None:
+            return array
+        if frame.rotation % 90:
+            raise VideoDecodingError(
+                f"{self.path!r} declares a display rotation of {frame.rotation} degrees, not a multiple of 90; re-encode "
+                "it with the rotation applied (`ffmpeg -i in.mp4 out.mp4` applies it)."
+            )
+        a, b, _, c, d = np.frombuffer(bytes(matrix), np.int32)[:5].astype(np.int64)
+        if a * d - b * c < 0:
+            array = array[::-1]
+        return np.ascontiguousarray(np.rot90(array, round(frame.rotation / 90)))
 
     def _frames_from(self, pts: float) -> Iterator:
         """Decoded frames from the keyframe at or before `pts` on, counted in `num_decoded_frames`."""
@@ -260,54 +353,83 @@ def decode_video(
     start_time: float | None = None,
     end_time: float | None = None,
     folder_fps: float | None = None,
+    max_frames: int | None = None,
 ) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
     """Decode the frames PPLLaVA samples from a video file, or read them from a folder of frame images (see
-    `sample_frame_indices` and `read_frame_folder`; `folder_fps` is the frame rate of a folder, files carry their own).
+    `sample_frame_indices` and `read_frame_folder`; `folder_fps` is the frame rate of a folder, files carry their own;
+    `max_frames` refuses, before decoding, a request for more frames).
 
-    Returns RGB frames `(num_frames, height, width, 3)` uint8 (any pixel format, bit depth or alpha is converted) and
-    their metadata, whose `timestamps` are the measured presentation times of the sampled frames.
+    Returns RGB frames `(num_frames, height, width, 3)` uint8 (any pixel format, bit depth or alpha is converted, the
+    container's display rotation applied) and their metadata, whose `timestamps` are the measured presentation times of
+    the sampled frames. An image file (whatever FFmpeg reads as a still image: JPEG, PNG, BMP, WebP, TIFF, ...) is a
+    one-frame video without a frame rate, read with Pillow as the images of a frame folder are.
 
     Raises:
-        VideoDecodingError (a `ValueError`): missing, unreadable, audio-only, empty, corrupt or truncated files.
+        VideoDecodingError (a `ValueError`): missing, unreadable, audio-only, empty, corrupt or truncated files (a file
+        whose frames end before the duration its video stream declares, in any container).
     """
     if os.path.isdir(path):
-        return read_frame_folder(path, num_frames, fps, start_time, end_time, folder_fps)
+        return read_frame_folder(path, num_frames, fps, start_time, end_time, folder_fps, max_frames)
+    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames)
     with PyAVVideoReader(path) as reader:
-        try:
-            indices, frames, timestamps = _read_sampled(reader, num_frames, fps, start_time, end_time)
-        except _EndOfStream:
-            if reader.frame_count_is_exact:
-                raise
-            # The count was estimated from the duration and is too high: count the packets and sample again.
-            estimated, reader.total_num_frames = reader.total_num_frames, reader.count_packets()
-            if reader.total_num_frames < 0.9 * estimated:
-                logger.warning(
-                    f"{reader.path!r} lasts {estimated} frames by its header but holds {reader.total_num_frames}; it may "
-                    "be truncated. Sampling the frames it has."
-                )
-            indices, frames, timestamps = _read_sampled(reader, num_frames, fps, start_time, end_time)
-        metadata = PPLLaVAVideoMetadata(
-            total_num_frames=reader.total_num_frames,
-            fps=reader.fps,
-            width=reader.width,
-            height=reader.height,
-            duration=reader.duration,
-            video_backend="pyav",
-            frames_indices=indices,
-            frame_timestamps=timestamps,
+        if not reader.is_image:
+            return _decode_file(reader, sampling)
+    path = os.fspath(path)
+    return _read_frame_files([path], f"the image file {path!r}", None, "sample it by `num_frames`", sampling)
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """Which frames of a clip to take: the arguments of `sample_frame_indices` that do not depend on the video."""
+
+    num_frames: int | None
+    fps: float | None
+    start_time: float | None
+    end_time: float | None
+    max_frames: int | None
+
+    @property
+    def needs_rate(self) -> bool:
+        return self.fps is not None or self.start_time is not None or self.end_time is not None
+
+    def indices(self, total_num_frames: int, video_fps: float | None) -> list[int]:
+        return sample_frame_indices(
+            total_num_frames, self.num_frames, self.fps, video_fps, self.start_time, self.end_time, self.max_frames
         )
+
+
+def _decode_file(reader: PyAVVideoReader, sampling: _Sampling) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
+    try:
+        indices, frames, timestamps = _read_sampled(reader, sampling)
+    except _EndOfStream:
+        # The stream ended before a frame its header promised: a truncated file when its video stream declares a
+        # longer duration, else a length estimated from the container; then sample the frames it holds.
+        reader.total_num_frames = reader.count_packets()
+        problem = reader.truncation()
+        if problem:
+            raise VideoDecodingError(problem) from None
+        indices, frames, timestamps = _read_sampled(reader, sampling)
+    metadata = PPLLaVAVideoMetadata(
+        total_num_frames=reader.total_num_frames,
+        fps=reader.fps,
+        width=frames.shape[2],
+        height=frames.shape[1],
+        duration=reader.duration,
+        video_backend="pyav",
+        frames_indices=indices,
+        frame_timestamps=timestamps,
+    )
     return frames, metadata
 
 
-def _read_sampled(
-    reader: PyAVVideoReader, num_frames: int | None, fps: float | None, start_time: float | None, end_time: float | None
-) -> tuple[list[int], np.ndarray, list[float]]:
-    indices = sample_frame_indices(reader.total_num_frames, num_frames, fps, reader.fps, start_time, end_time)
+def _read_sampled(reader: PyAVVideoReader, sampling: _Sampling) -> tuple[list[int], np.ndarray, list[float]]:
+    indices = sampling.indices(reader.total_num_frames, reader.fps)
     frames, timestamps = reader.read(indices)
     return indices, frames, timestamps
 
 
 FRAME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_FILE_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".gif")
 
 
 def frame_folder_files(folder: str | os.PathLike) -> list[str]:
@@ -317,8 +439,18 @@ def frame_folder_files(folder: str | os.PathLike) -> list[str]:
     def frame_order(name: str) -> list:
         return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
-    names = [name for name in os.listdir(folder) if name.lower().endswith(FRAME_IMAGE_SUFFIXES)]
+    names = [name for name in _folder_names(folder) if name.lower().endswith(FRAME_IMAGE_SUFFIXES)]
     return [os.path.join(folder, name) for name in sorted(names, key=frame_order)]
+
+
+def _folder_names(folder: str | os.PathLike) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError as error:
+        raise VideoDecodingError(
+            f"Cannot list the frame folder {os.fspath(folder)!r} ({error.strerror or error}); check that it exists and "
+            "that you may read it."
+        ) from error
 
 
 def read_frame_folder(
@@ -328,6 +460,7 @@ def read_frame_folder(
     start_time: float | None = None,
     end_time: float | None = None,
     folder_fps: float | None = None,
+    max_frames: int | None = None,
 ) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
     """The frames PPLLaVA samples from a folder of frame images (one file per frame, see `frame_folder_files`), by the
     same rule as a video file; only the sampled images are read.
@@ -341,39 +474,70 @@ def read_frame_folder(
     files = frame_folder_files(folder)
     if not files:
         raise VideoDecodingError(
-            f"The folder {folder!r} holds no frame images ({', '.join(FRAME_IMAGE_SUFFIXES)}); pass a folder of one "
-            "image per frame, or a video file."
+            f"The folder {folder!r} holds no frame images ({', '.join(FRAME_IMAGE_SUFFIXES)}), so it is no frame "
+            f"folder. {_what_to_pass_instead(folder)}"
         )
-    if not folder_fps and (fps is not None or start_time is not None or end_time is not None):
+    rate_hint = "pass the rate its frames were extracted at, `folder_fps=...` (MVBench's frame folders: 3)"
+    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames)
+    return _read_frame_files(files, f"the frame folder {folder!r}", folder_fps, rate_hint, sampling)
+
+
+def _what_to_pass_instead(folder: str) -> str:
+    videos = sorted(name for name in _folder_names(folder) if name.lower().endswith(VIDEO_FILE_SUFFIXES))
+    if not videos:
+        return "Pass a folder of one image per frame, or a video file."
+    listed = ", ".join(videos[:3]) + (", ..." if len(videos) > 3 else "")
+    return f"It holds video files ({listed}): pass each file as a video of its own (videos=[path, ...])."
+
+
+def _read_frame_files(
+    files: list[str], source: str, frame_rate: float | None, rate_hint: str, sampling: _Sampling
+) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
+    """The sampled frames of a video given as one image file per frame (`source` names it in errors, `rate_hint` says
+    how to give it a frame rate)."""
+    if not frame_rate and sampling.needs_rate:
         raise ValueError(
-            f"Sampling the frame folder {folder!r} by `fps` or inside `start_time`/`end_time` needs the rate its frames "
-            "were extracted at: decode it with `decode_video(..., folder_fps=...)` (MVBench's frame folders: 3)."
+            f"Sampling {source} by `fps` or inside `start_time`/`end_time` needs a frame rate, which it does not "
+            f"carry: {rate_hint}."
         )
-    indices = sample_frame_indices(len(files), num_frames, fps, folder_fps, start_time, end_time)
-    read = {index: _read_frame_image(files[index]) for index in sorted(set(indices))}
+    indices = sampling.indices(len(files), frame_rate)
+    read = {index: read_frame_image(files[index]) for index in sorted(set(indices))}
     sizes = {frame.shape for frame in read.values()}
     if len(sizes) > 1:
-        raise VideoDecodingError(f"The frames of {folder!r} differ in size ({sorted(sizes)}); resize them to one size.")
+        raise VideoDecodingError(f"The frames of {source} differ in size ({sorted(sizes)}); resize them to one size.")
     frames = np.stack([read[index] for index in indices])
     metadata = PPLLaVAVideoMetadata(
         total_num_frames=len(files),
-        fps=folder_fps,
+        fps=frame_rate,
         width=frames.shape[2],
         height=frames.shape[1],
-        duration=len(files) / folder_fps if folder_fps else None,
+        duration=len(files) / frame_rate if frame_rate else None,
         video_backend="pil",
         frames_indices=indices,
-        frame_timestamps=[round(index / folder_fps, 6) for index in indices] if folder_fps else None,
+        frame_timestamps=[round(index / frame_rate, 6) for index in indices] if frame_rate else None,
     )
     return frames, metadata
 
 
-def _read_frame_image(path: str) -> np.ndarray:
+def read_frame_image(path: str | os.PathLike) -> np.ndarray:
+    """One frame image as an RGB array `(H, W, 3)` uint8, upright (its EXIF orientation applied, as viewers do);
+    16-bit grayscale is scaled to 8 bits."""
     try:
         with Image.open(path) as image:
+            if getattr(image, "n_frames", 1) > 1:
+                raise VideoDecodingError(
+                    f"{os.fspath(path)!r} is an animated {image.format} image; convert it to a video file (e.g. "
+                    "`ffmpeg -i in.webp out.mp4`) or pass its frames."
+                )
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):  # 16-bit grayscale (PNG, TIFF): Pillow's RGB conversion would clip it
+                levels = np.round(np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).astype(np.uint8)
+                return np.repeat(levels[..., None], 3, axis=-1)
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError) as error:
-        raise VideoDecodingError(f"Cannot read the frame image {path!r} ({error}); replace or re-export it.") from error
+        raise VideoDecodingError(
+            f"Cannot read the frame image {os.fspath(path)!r} ({error}); replace or re-export it."
+        ) from error
 
 
 def _import_av():

@@ -20,7 +20,7 @@ from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.video_utils import VideoMetadata
 
 from .transformers_internals_ppllava import VideoProcessorMixin
-from .video_decoding_ppllava import PPLLaVAVideoMetadata, decode_video, sample_frame_indices
+from .video_decoding_ppllava import PPLLaVAVideoMetadata, decode_video, read_frame_image, sample_frame_indices
 
 
 TimeBound = int | float | list[int | float | None] | None
@@ -39,6 +39,9 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     add_timestamps (`bool`):
         Read by the processor: write "The video contains N frames sampled at t1, t2, ... seconds." after each video's
         tokens.
+    max_num_frames (`int`):
+        The most frames one video may be sampled to (`num_frames`, `fps` or every frame): a larger request is refused
+        before any frame is decoded.
     """
 
     resize_mode: Literal["squash", "letterbox"]
@@ -46,16 +49,17 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     end_time: TimeBound
     max_visual_tokens: int | None
     add_timestamps: bool
+    max_num_frames: int
 
 
 class PPLLaVAVideoProcessor(VideoProcessorMixin):
     r"""
     Turns videos into `pixel_values_videos` for PPLLaVA: decode (PyAV) and sample frames, resize, rescale, normalise.
 
-    Inputs: a path to a video file (mp4, mkv, webm, avi, mov, gif, ...), a uint8 array `(T, H, W, 3)`, a tensor
-    `(T, 3, H, W)` or `(T, H, W, 3)`, a list of PIL images or of `(H, W, 3)` frames, or a list of such videos.
-    Frames are always converted to 8-bit RGB (grayscale repeated, alpha dropped, 16-bit scaled); float frames must lie
-    in [0, 1].
+    Inputs: a path to a video file (mp4, mkv, webm, avi, mov, gif, ...; shown upright as its display rotation says), a
+    folder of frame images, an image file (a one-frame video), a uint8 array `(T, H, W, 3)`, a tensor `(T, 3, H, W)` or
+    `(T, H, W, 3)`, a list of PIL images or of `(H, W, 3)` frames, or a list of such videos. Frames are always converted
+    to 8-bit RGB (grayscale repeated, alpha dropped, 16-bit scaled); float frames must be finite and lie in [0, 1].
 
     Sampling: files are always sampled (`num_frames` by PPLLaVA's rule, or `fps`, inside `start_time`/`end_time`), unless
     `do_sample_frames=False`, which keeps every frame of the clip. Frame arrays are used as given unless
@@ -80,6 +84,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
     image_std = OPENAI_CLIP_STD
     num_frames = 32
     fps = None
+    max_num_frames = 2048
     return_metadata = False
     frames_per_chunk = 8
 
@@ -124,6 +129,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             end_time=options["end_time"],
             do_sample_frames=options["do_sample_frames"],
             video_metadata=options["video_metadata"],
+            max_num_frames=options["max_num_frames"],
         )
         pixel_values = [self.transform(clip, **options) for clip in clips]
         if len({tuple(video.shape) for video in pixel_values}) == 1:
@@ -144,9 +150,12 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         end_time: TimeBound = None,
         do_sample_frames: bool | None = None,
         video_metadata: VideoMetadata | dict | list | None = None,
+        max_num_frames: int | None = None,
     ) -> tuple[list[torch.Tensor], list[PPLLaVAVideoMetadata]]:
         """uint8 frames `(T, 3, H, W)` and metadata of every video (see `canonical_videos` for the accepted nestings):
-        files decoded and sampled, frame arrays converted (and sampled when `do_sample_frames=True`)."""
+        files decoded and sampled, frame arrays converted (and sampled when `do_sample_frames=True`); a sampling
+        request for more than `max_num_frames` frames (default: the processor's) is refused before decoding."""
+        max_num_frames = max_num_frames or self.max_num_frames
         videos = canonical_videos(videos)
         if not videos:
             raise ValueError("No videos given.")
@@ -159,12 +168,12 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             sample = do_sample_frames is not False if is_file else do_sample_frames is True
             count, rate = (num_frames, fps) if sample else (None, None)
             if is_file:
-                frames, meta = decode_video(video, count, rate, start, end)
+                frames, meta = decode_video(video, count, rate, start, end, max_frames=max_num_frames)
                 clip = to_uint8_rgb_frames(frames)
             else:
                 clip = to_uint8_rgb_frames(video)
                 meta = _array_metadata(len(clip), clip.shape[-2:], meta)
-                indices = sample_frame_indices(len(clip), count, rate, meta.fps, start, end)
+                indices = sample_frame_indices(len(clip), count, rate, meta.fps, start, end, max_num_frames)
                 clip = clip[indices]
                 meta.frames_indices = indices
             clips.append(clip)
@@ -269,7 +278,7 @@ def _canonical_videos(videos, depth: int) -> Iterator[str | np.ndarray | torch.T
         if videos and all(_is_frame(item) for item in videos):
             yield to_uint8_rgb_frames(videos)
         elif depth == 2 and videos and all(isinstance(item, (str, os.PathLike)) for item in videos):
-            yield to_uint8_rgb_frames([Image.open(path) for path in videos])
+            yield to_uint8_rgb_frames([read_frame_image(path) for path in videos])
         else:
             for item in videos:
                 yield from _canonical_videos(item, depth + 1)
@@ -288,7 +297,7 @@ def to_uint8_rgb_frames(video) -> torch.Tensor:
     """uint8 RGB frames `(T, 3, H, W)` from a `(T, H, W, C)` / `(T, C, H, W)` array or tensor, or a list of frames.
 
     One channel (grayscale) is repeated, a fourth (alpha) dropped; uint16 (16-bit) is scaled to 8 bits, other integer
-    types must hold 0..255, floats 0..1. Anything else raises a `ValueError` saying what to pass instead.
+    types must hold 0..255, floats finite values in 0..1. Anything else raises a `ValueError` saying what to pass instead.
     """
     if isinstance(video, (list, tuple)):
         frames = [_frame_array(frame) for frame in video]
@@ -338,6 +347,14 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
             )
         return array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            frames = sorted(set(np.nonzero(~finite)[0].tolist()))
+            raise ValueError(
+                f"Float frames hold {int((~finite).sum())} NaN or infinite values (in frame(s) {frames[:8]}"
+                f"{', ...' if len(frames) > 8 else ''}); fix or drop those frames: frames must be finite values in "
+                "[0, 1]."
+            )
         if array.min() < 0 or array.max() > 1:
             raise ValueError(
                 f"Float frames must lie in [0, 1] (got {array.min():.3g}..{array.max():.3g}); divide by 255 or pass uint8."
