@@ -166,8 +166,11 @@ def _check_supported(original: dict) -> None:
             "(a llava_next / llava_onevision config with PPLLaVA's fields, as the original code saves it)."
         )
     if original.get("pooling") != "ppllava":
+        # The original's other modes ("avp", "none", "pllava", "pllava_npu") are its baselines: every published recipe
+        # (config/*/*.yaml) uses prompt-guided pooling.
         raise ConversionError(
-            f"Only prompt-guided pooling checkpoints convert (`pooling: ppllava`), this one has pooling={original.get('pooling')!r}."
+            f"Only prompt-guided pooling checkpoints convert (`pooling: ppllava`, what every published PPLLaVA recipe "
+            f"uses); this one has pooling={original.get('pooling')!r}."
         )
     layout = original.get("model_type")
     if layout not in ORIGINAL_LAYOUTS:
@@ -180,7 +183,10 @@ def _check_supported(original: dict) -> None:
         )
     if original.get("valuew_plus", False):
         # `valuew_plus` multiplies the relevance by SigLIP's probe attention, which PPLLaVA-HF does not compute.
-        raise ConversionError("`valuew_plus: true` (probe-attention weighting of the relevance) is not supported.")
+        raise ConversionError(
+            "`valuew_plus: true` (probe-attention weighting of the relevance) is not supported: no published PPLLaVA "
+            "recipe sets it."
+        )
 
 
 def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
