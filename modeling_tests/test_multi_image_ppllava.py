@@ -109,13 +109,11 @@ def conversation(num_images: int) -> list[dict]:
     return [{"role": "user", "content": [*blocks, {"type": "text", "text": "What is different?"}]}]
 
 
-def test_the_chat_template_gives_each_image_of_a_multi_image_turn_its_newline(processor):
+def test_the_chat_template_gives_each_image_its_newline_as_the_original_multi_image_data_has_it(processor):
     """The original's multi-image data has `<image>\\n` per image (`user_query` turns each `<image>` into `<image>\\n`)."""
     text = processor.apply_chat_template(conversation(3), add_generation_prompt=True, multi_image=True)
     assert text == "USER: <image>\n<image>\n<image>\nWhat is different? ASSISTANT: "
-    assert processor.apply_chat_template(conversation(2), add_generation_prompt=True) == (
-        "USER: <image><image>\nWhat is different? ASSISTANT: "
-    )
+    assert processor.apply_chat_template(conversation(3), add_generation_prompt=True) == text
 
 
 def test_apply_chat_template_with_multi_image_gives_model_ready_inputs(processor, model):
@@ -128,9 +126,14 @@ def test_apply_chat_template_with_multi_image_gives_model_ready_inputs(processor
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
 
 
-def test_apply_chat_template_takes_one_multi_image_switch_for_all_conversations(processor):
-    with pytest.raises(TypeError, match="one multi_image bool"):
-        processor.apply_chat_template([conversation(1), conversation(2)], multi_image=[True, False])
+def test_apply_chat_template_takes_one_multi_image_switch_per_conversation(processor):
+    inputs = processor.apply_chat_template(
+        [conversation(2), conversation(1)], tokenize=True, return_dict=True, multi_image=[True, False],
+        processor_kwargs={"padding_side": "left"},
+    )
+    assert inputs["multi_image"].tolist() == [True, False]
+    assert [tuple(group.shape) for group in inputs["pixel_values_multi_image"]] == [(2, 3, 84, 84)]
+    assert inputs["image_sizes"].tolist() == [[84, 84]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

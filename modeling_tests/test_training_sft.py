@@ -7,7 +7,8 @@ import torch
 from training_tester import logged, single_threaded, tiny_model_and_processor, tiny_trainer  # noqa: F401
 
 from ppllava_hf.testing.tiny_training_data import color_frames, tiny_sft_rows, write_color_videos
-from ppllava_hf.training.sft import PPLLaVASFTCollator, PPLLaVASFTConfig, PPLLaVASFTTrainer
+from ppllava_hf.training.rows import BadRowError
+from ppllava_hf.training.sft import PPLLaVASFTCollator, PPLLaVASFTConfig, PPLLaVASFTTrainer, check_conversation_row
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +99,40 @@ def test_frames_in_the_rows_train_like_files(media, tmp_path):
     trainer, _ = tiny_trainer(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", rows, None, tmp_path, args={"max_steps": 2})
     trainer.train()
     assert len(logged(trainer, "loss")) == 2 and trainer.skipped_rows == []
+
+
+def image_list_row(multi_image) -> dict:
+    images = [np.full((60 + 20 * index, 90, 3), 40 + 80 * index, np.uint8) for index in range(3)]
+    messages = [{"role": "user", "content": "What changes?"}, {"role": "assistant", "content": "It gets brighter."}]
+    return {"messages": messages, "images": images, "multi_image": multi_image}
+
+
+def test_a_multi_image_row_trains_its_image_list_as_one_group_beside_other_rows(media):
+    folder, rows = media
+    model, processor = tiny_model_and_processor()
+    batch = PPLLaVASFTCollator(processor, folder)([image_list_row(True), rows[0]])
+    tokens = "<image>" * processor.num_multi_image_tokens()
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.startswith(f"<s> USER: {tokens}\n{tokens}\n{tokens}\nWhat changes? ASSISTANT: It gets brighter.</s>")
+    assert batch["multi_image"].tolist() == [True, False]
+    assert [tuple(group.shape) for group in batch["pixel_values_multi_image"]] == [(3, 3, 84, 84)]
+    assert "pixel_values" not in batch
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+@pytest.mark.parametrize("multi_image", [True, False])
+def test_the_row_check_counts_an_image_list_as_the_collator_lays_it_out(media, multi_image):
+    folder, _ = media
+    _, processor = tiny_model_and_processor()
+    row = image_list_row(multi_image)
+    length = int(PPLLaVASFTCollator(processor, folder)([row])["attention_mask"].sum())
+    check_conversation_row(row, processor, folder, max_length=length)
+    with pytest.raises(BadRowError, match=f"needs {length} tokens"):
+        check_conversation_row(row, processor, folder, max_length=length - 1)
+
+
+def test_a_multi_image_flag_that_is_not_a_bool_is_a_malformed_row(media):
+    _, processor = tiny_model_and_processor()
+    with pytest.raises(BadRowError, match="multi_image must be true or false"):
+        check_conversation_row(image_list_row("yes"), processor, media[0])

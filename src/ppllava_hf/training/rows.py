@@ -227,12 +227,19 @@ def image_size(image: Any) -> tuple[int, int]:
 
 
 def visual_tokens_added(
-    processor: PPLLaVAProcessor, videos: Sequence[Any], images: Sequence[Any], video_check: VideoCheck
+    processor: PPLLaVAProcessor,
+    videos: Sequence[Any],
+    images: Sequence[Any],
+    video_check: VideoCheck,
+    multi_image: bool = False,
 ) -> int:
     """Tokens the expansion of the `<video>` / `<image>` placeholders adds to a tokenized text (each placeholder is
-    one token before expansion)."""
+    one token before expansion); with `multi_image` the images are one multi-image group (a fixed count per image)."""
     added = sum(processor.num_video_tokens(count_video_frames(processor, video, video_check)) - 1 for video in videos)
-    return added + sum(processor.num_image_tokens(image_size(image)) - 1 for image in images)
+    sizes = [image_size(image) for image in images]  # also finds missing or unreadable image files
+    if multi_image:
+        return added + len(sizes) * (processor.num_multi_image_tokens() - 1)
+    return added + sum(processor.num_image_tokens(size) - 1 for size in sizes)
 
 
 def adds_special_tokens(processor: PPLLaVAProcessor, text: str) -> bool:

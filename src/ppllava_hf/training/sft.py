@@ -14,7 +14,9 @@ Dataset format, one conversation per row (a JSONL file loads with `datasets.load
   `media_folder`) or decoded frames (`(T, H, W, 3)` uint8 per video, `(H, W, 3)` per image). They fill the media
   blocks that carry no path, in order; a conversation without media blocks gets them at the start of its first user
   turn (the original layout: `USER: <video>\\nQuestion ASSISTANT: ...`).
-- optional `pooling_prompt` and `id`.
+- optional `multi_image` (`true`: the row's images are one multi-image group, the original's "multi-image" media type:
+  encoded together as the frames of one clip, each `<image>` on its own line; see the README's "Multi-image"), and
+  optional `pooling_prompt` and `id`.
 
 Labels: only the assistant turns (answer text and the separator that ends it, `</s>` / `<|im_end|>`) are learned; the
 system text, user turns, role markers and visual tokens are `-100`, from the chat template's `{% generation %}`
@@ -107,9 +109,21 @@ def check_conversation_row(
     """Raise `BadRowError` (or `VideoDecodingError`) if the row cannot be trained on: malformed, no assistant turn,
     missing or unreadable media, or longer than `max_length` with its visual tokens."""
     conversation = conversation_with_media(row, media_folder)
-    text = processor.apply_chat_template(conversation, tokenize=False)
-    added = visual_tokens_added(processor, _media(conversation, "video"), _media(conversation, "image"), video_check)
+    multi_image = is_multi_image(row)
+    text = processor.apply_chat_template(conversation, tokenize=False, multi_image=multi_image)
+    videos, images = _media(conversation, "video"), _media(conversation, "image")
+    added = visual_tokens_added(processor, videos, images, video_check, multi_image)
     check_length(token_count(processor, text) + added, max_length)
+
+
+def is_multi_image(row: dict[str, Any]) -> bool:
+    """The row's `multi_image` flag (absent: `False`); anything but a bool raises `BadRowError`."""
+    flag = row.get("multi_image")
+    if flag is None:
+        return False
+    if not isinstance(flag, bool):
+        raise BadRowError(f"its multi_image must be true or false, got {flag!r}", kind="malformed")
+    return flag
 
 
 @dataclass
@@ -129,7 +143,8 @@ class PPLLaVASFTConfig(PPLLaVAConfigMixin, SFTConfig):
 class PPLLaVASFTCollator:
     """Batches conversations for trl's `SFTTrainer`: `input_ids`, `attention_mask`, `labels` (everything but the
     assistant turns is `-100`) and the model's visual inputs (`pixel_values_videos`, `clip_input_ids`,
-    `clip_attention_mask`, and `pixel_values`, `image_sizes` for images).
+    `clip_attention_mask`, `pixel_values` and `image_sizes` for anyres images, `pixel_values_multi_image` and
+    `multi_image` for multi-image rows).
 
     Tokenizes with `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`, exactly as at inference
     (the BOS included), right-padded. Videos are decoded one row at a time so that a file that fails names its row.
@@ -148,6 +163,7 @@ class PPLLaVASFTCollator:
             return_dict=True,
             return_tensors="pt",
             return_assistant_tokens_mask=True,
+            multi_image=[is_multi_image(example) for example in examples],
             processor_kwargs={
                 "padding": True,
                 "padding_side": "right",
@@ -206,4 +222,5 @@ __all__ = [
     "PPLLaVASFTTrainer",
     "check_conversation_row",
     "conversation_with_media",
+    "is_multi_image",
 ]

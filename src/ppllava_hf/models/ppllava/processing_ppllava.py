@@ -38,12 +38,12 @@ logger = logging.get_logger(__name__)
 # - `CHATML_CHAT_TEMPLATE` (`plain_qwen`, Qwen2 backbone):
 #   `<|im_start|>user\n<video>\nQuestion?<|im_end|>\n<|im_start|>assistant\nAnswer<|im_end|>\n...`
 #
-# As in the original, a user turn lists its visual placeholders (one `<video>` / `<image>` per content block, in order)
-# then a newline, then its text (text blocks joined by newlines); a system message is its text followed by the user
-# separator (`" "`, or `"<|im_end|>\n"` without an `<|im_start|>system` header, exactly as `conv.py` renders it). With
-# the template variable `multi_image` (the processor's multi-image mode) every image placeholder gets its own newline,
-# `<image>\n<image>\n...`, as the original's multi-image data has it (`user_query` turns each `<image>` into
-# `<image>\n`). Every assistant turn ends with its separator (`</s>` / `<|im_end|>`): `conv.py` leaves it off a final assistant message only
+# As in the original, a user turn lists its visual placeholders (one `<video>` / `<image>` per content block, in order),
+# each followed by a newline, then its text (text blocks joined by newlines): `conv.py`'s `user_query(is_mm=True)` turns
+# every placeholder of a query into `<image>\n` (the original writes `<image>` for videos too), which is how its
+# multi-image data reads, `USER: <image>\n<image>\nQuestion`. A system message is its text followed by the user
+# separator (`" "`, or `"<|im_end|>\n"` without an `<|im_start|>system` header, exactly as `conv.py` renders it). Every
+# assistant turn ends with its separator (`</s>` / `<|im_end|>`): `conv.py` leaves it off a final assistant message only
 # because at inference the prompt ends with the assistant role; its training data does append the EOS. The assistant
 # text and separator are marked with `{% generation %}` for `return_assistant_tokens_mask=True`.
 
@@ -57,16 +57,14 @@ def _conversation_template(
         "{%- set ns = namespace(media='', texts=[]) -%}"
         "{%- if message['content'] is string -%}{%- set ns.texts = [message['content']] -%}"
         "{%- else -%}{%- for block in message['content'] -%}"
-        "{%- if block['type'] == 'video' -%}{%- set ns.media = ns.media + '<video>' -%}"
-        "{%- elif block['type'] == 'image' -%}"
-        "{%- set ns.media = ns.media + ('<image>\\n' if multi_image else '<image>') -%}"
+        "{%- if block['type'] == 'video' -%}{%- set ns.media = ns.media + '<video>\\n' -%}"
+        "{%- elif block['type'] == 'image' -%}{%- set ns.media = ns.media + '<image>\\n' -%}"
         "{%- elif block['type'] == 'text' -%}{%- set ns.texts = ns.texts + [block['text']] -%}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{%- set text = ns.texts | join('\\n') -%}"
         "{%- if message['role'] == 'system' -%}{{ text + '" + system_end + "' }}"
         "{%- elif message['role'] == 'user' -%}"
-        "{{ '" + user_start + "' }}{% if ns.media %}{{ ns.media.rstrip('\\n') + '\\n' }}{% endif %}"
-        "{{ text + '" + user_end + "' }}"
+        "{{ '" + user_start + "' + ns.media + text + '" + user_end + "' }}"
         "{%- elif message['role'] == 'assistant' -%}{{ '" + assistant_start + "' }}"
         "{% generation %}{{ text + '" + assistant_end + "' }}{% endgeneration %}{{ '" + assistant_after + "' }}"
         "{%- endif -%}"
@@ -504,20 +502,13 @@ class PPLLaVAProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """transformers' `apply_chat_template`, with the text of each conversation's last user turn as its default
-        pooling prompt (what the original's demo and evaluation feed the prompt encoder). `multi_image=True` renders
-        each image placeholder with its own newline and processes the images in multi-image mode."""
+        pooling prompt (what the original's demo and evaluation feed the prompt encoder). `multi_image=True` (or one
+        bool per conversation) processes the images of those conversations in multi-image mode."""
         conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
         processor_kwargs = {"chat_pooling_prompt": [last_user_text(c) for c in conversations]}
+        if "multi_image" in kwargs:  # a processor option; transformers would warn that it is no template variable
+            processor_kwargs["multi_image"] = kwargs.pop("multi_image")
         processor_kwargs.update(kwargs.pop("processor_kwargs", None) or {})
-        # `multi_image` is both a template variable (one newline per image) and a processor option.
-        multi_image = kwargs.pop("multi_image", processor_kwargs.get("multi_image", False))
-        if not isinstance(multi_image, bool):
-            raise TypeError(
-                "apply_chat_template takes one multi_image bool for all conversations; to mix multi-image and anyres "
-                "samples in a batch, call the processor with multi_image=[...] (one bool per text sample)."
-            )
-        if multi_image:
-            kwargs["multi_image"] = processor_kwargs["multi_image"] = True
         return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
 
     def check_argument_for_proper_class(self, argument_name, argument):
