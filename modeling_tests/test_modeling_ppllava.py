@@ -102,6 +102,26 @@ def test_video_features_follow_the_llava_output_contract(tester):
     assert all(isinstance(value, (torch.Tensor, list, tuple)) for value in full.to_tuple())
 
 
+
+def test_forward_outputs_carry_the_encoder_outputs_of_each_modality(tester):
+    """`image_outputs` / `video_outputs`, as transformers' multimodal outputs carry them: the tokens that were scattered
+    in, their relevance, and the vision tower's hidden states and attentions over every frame or tile when asked."""
+    model = tester.fresh_model(attn_implementation="eager")
+    batch = tester.collate([tester.video_sample(frames=4), tester.image_sample()])
+    with torch.no_grad():
+        plain = model(**batch)
+        full = model(**batch, output_hidden_states=True, output_attentions=True)
+    for output in (plain, full):
+        torch.testing.assert_close(torch.cat(output.video_outputs.pooler_output), output.video_hidden_states)
+        torch.testing.assert_close(torch.cat(output.image_outputs.pooler_output), output.image_hidden_states)
+        assert len(output.video_outputs.relevance) == len(output.image_outputs.relevance) == 1
+    assert plain.video_outputs.attentions is None and plain.image_outputs.hidden_states is None
+    vision_layers = tester.config.vision_config.num_hidden_layers
+    assert len(full.video_outputs.attentions) == len(full.image_outputs.attentions) == vision_layers
+    assert len(full.video_outputs.hidden_states) == vision_layers + 1
+    assert full.video_outputs.hidden_states[0].shape[0] == 4  # frames
+    assert len(full.attentions) == tester.config.text_config.num_hidden_layers  # the language model's own
+
 def test_the_projector_and_the_vision_tower_export_with_torch_export(tester):
     """Every submodule of the visual path takes tensors and plain config, so exporters can trace it."""
     model = tester.model.model
@@ -449,6 +469,21 @@ def test_visual_encoders_run_once_per_generate_even_with_beams(tester):
     assert sum(frames) == 16
     assert prompts == [2]
     assert poolings == [1, 1]
+
+
+def test_an_assistant_model_drafts_from_the_visual_tokens_and_greedy_tokens_stay_the_same(tester):
+    assistant = tester.fresh_model()
+    visual_calls = []
+    handle = assistant.register_forward_pre_hook(
+        lambda _, args, kwargs: visual_calls.append(kwargs.get("mm_encoder_outputs") is not None), with_kwargs=True
+    )
+    batch = tester.collate([tester.video_sample()])
+    try:
+        assisted = greedy(tester.model, batch, assistant_model=assistant)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(assisted, greedy(tester.model, batch))
+    assert visual_calls[0] and not any(visual_calls[1:])  # the prompt with its video, then text-only drafting steps
 
 
 def test_sampling_and_beam_search_return_the_requested_sequences(tester):

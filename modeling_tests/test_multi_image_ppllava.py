@@ -211,3 +211,19 @@ def test_the_siglip_layout_letterboxes_and_encodes_multi_image_samples():
     with torch.no_grad():
         output = siglip_model(**inputs)
     assert output.image_hidden_states.shape == (2 * siglip_processor.num_multi_image_tokens(), 64)
+
+
+def test_a_mixed_batch_gives_tokens_in_placeholder_order_and_the_tower_outputs_of_each_kind(processor, model):
+    inputs = processor(
+        text=[prompt(2), prompt(1)], images=[images((70, 90), (120, 60)), images((100, 180))], multi_image=[True, False]
+    )
+    with torch.no_grad():
+        encoded = model(**inputs, output_hidden_states=True).image_outputs
+        anyres = model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], clip_input_ids=inputs["clip_input_ids"][1:],
+            clip_attention_mask=inputs["clip_attention_mask"][1:], output_hidden_states=True,
+        )
+    assert [len(tokens) for tokens in encoded.pooler_output] == [2 * 4, processor.num_image_tokens((100, 180))]
+    torch.testing.assert_close(encoded.pooler_output[1], anyres.pooler_output[0])
+    assert encoded.last_hidden_state.shape[0] == anyres.last_hidden_state.shape[0] + 2  # its tiles, then 2 images
+    assert len(encoded.hidden_states) == len(anyres.hidden_states)

@@ -1,5 +1,6 @@
 """PPLLaVA models: vision tower (+ BT-Adapter), vision-prompt alignment, prompt-guided pooling, projector and a causal LM."""
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -578,10 +579,15 @@ class PPLLaVAModelOutputWithPast(BaseModelOutputWithPast):
         `(num_image_tokens, hidden_size)`: the visual tokens scattered into the image placeholders.
     video_hidden_states (`torch.Tensor`, *optional*):
         `(num_video_tokens, hidden_size)`: the visual tokens scattered into the video placeholders.
+    image_outputs, video_outputs ([`PPLLaVAVisualOutput`], *optional*):
+        The encoder output whose tokens were scattered in (`pooler_output`, `relevance`, and the vision tower's
+        `hidden_states` / `attentions` when requested), as transformers' multimodal outputs carry it.
     """
 
     image_hidden_states: torch.Tensor | None = None
     video_hidden_states: torch.Tensor | None = None
+    image_outputs: PPLLaVAVisualOutput | None = None
+    video_outputs: PPLLaVAVisualOutput | None = None
 
 
 @dataclass
@@ -590,10 +596,13 @@ class PPLLaVACausalLMOutputWithPast(CausalLMOutputWithPast):
     transformers' causal-LM output (loss, logits, cache, hidden states, attentions), and:
 
     image_hidden_states, video_hidden_states (`torch.Tensor`, *optional*): the visual tokens that were scattered in.
+    image_outputs, video_outputs ([`PPLLaVAVisualOutput`], *optional*): the encoder outputs they came from.
     """
 
     image_hidden_states: torch.Tensor | None = None
     video_hidden_states: torch.Tensor | None = None
+    image_outputs: PPLLaVAVisualOutput | None = None
+    video_outputs: PPLLaVAVisualOutput | None = None
 
 
 class PPLLaVAMultiModalProjector(nn.Module):
@@ -1107,6 +1116,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         max_visual_tokens: int | None = None,
         pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
         multi_image: torch.Tensor | list[bool] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> dict[str, PPLLaVAVisualOutput]:
         """Visual tokens of every image, multi-image group and video of a batch, each pooled by the prompt of the sample
         it belongs to.
@@ -1115,8 +1125,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         bool per sample) says which samples' image placeholders belong to a multi-image group rather than to anyres
         images (without it, all of them belong to `pixel_values_multi_image` when only that is given). The prompt
         encoder runs once per sample, and identical items with identical prompts (a preference pair's chosen and
-        rejected rows, say) are encoded once. The result is what `forward(mm_encoder_outputs=...)` takes: its `"image"`
-        entry holds the anyres images and multi-image groups in the order of their placeholders.
+        rejected rows, say) are encoded once, unless `output_hidden_states` / `output_attentions` ask for the vision
+        tower's outputs, which then cover every item in order. The result is what `forward(mm_encoder_outputs=...)`
+        takes: its `"image"` entry holds the anyres images and multi-image groups in the order of their placeholders.
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("encode_multimodal needs input_ids or inputs_embeds to find the placeholders.")
@@ -1132,6 +1143,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 "pooling prompt per sample."
             )
         prompt_embeds = self.get_prompt_embeds(clip_input_ids, clip_attention_mask)
+        tower_outputs = {key: True for key in ("output_hidden_states", "output_attentions") if kwargs.get(key)}
+        deduplicate = not tower_outputs
         prompt_keys = clip_input_ids if clip_attention_mask is None else torch.cat([clip_input_ids, clip_attention_mask], -1)
         outputs = {}
         image_parts = []
@@ -1154,7 +1167,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                     image_sizes[unique],
                     prompt_embeds=prompt_embeds[rows[unique]],
                     return_dict=True,
+                    **tower_outputs,
                 ),
+                deduplicate,
             )))
         if pixel_values_multi_image is not None:
             groups = self._clip_list(pixel_values_multi_image, "pixel_values_multi_image")
@@ -1164,8 +1179,12 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 groups,
                 prompt_keys[group_owners],
                 lambda unique: self.get_multi_image_features(
-                    [groups[i] for i in unique], prompt_embeds=prompt_embeds[group_owners[unique]], return_dict=True
+                    [groups[i] for i in unique],
+                    prompt_embeds=prompt_embeds[group_owners[unique]],
+                    return_dict=True,
+                    **tower_outputs,
                 ),
+                deduplicate,
             )))
         if image_parts:
             outputs["image"] = _in_placeholder_order(image_parts)
@@ -1182,7 +1201,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                     prompt_embeds=prompt_embeds[rows[unique]],
                     max_visual_tokens=max_visual_tokens,
                     return_dict=True,
+                    **tower_outputs,
                 ),
+                deduplicate,
             )
         return outputs
 
@@ -1252,6 +1273,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if has_pixels:
+            tower_outputs = {key: kwargs[key] for key in ("output_hidden_states", "output_attentions") if key in kwargs}
             mm_encoder_outputs = self.encode_multimodal(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,
@@ -1263,14 +1285,16 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 max_visual_tokens=max_visual_tokens,
                 pixel_values_multi_image=pixel_values_multi_image,
                 multi_image=multi_image,
+                **tower_outputs,
             )
-        hidden = {}
+        hidden, used = {}, {}
         for modality, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
             encoded = (mm_encoder_outputs or {}).get(modality)
             if encoded is not None:
                 mask = self._placeholder_mask(token_id, input_ids, inputs_embeds)
                 if bool(mask.any()):
                     inputs_embeds, hidden[modality] = self._scatter(inputs_embeds, mask, encoded.pooler_output, modality)
+                    used[modality] = encoded
             elif inputs_embeds.shape[1] > 1 and not torch.compiler.is_compiling():
                 # Decoding steps carry no placeholders; a prompt's placeholders with nothing to fill them would make
                 # the model answer from the placeholder embeddings.
@@ -1289,7 +1313,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             **kwargs,
         )
         output = PPLLaVAModelOutputWithPast(
-            **outputs, image_hidden_states=hidden.get("image"), video_hidden_states=hidden.get("video")
+            **outputs,
+            image_hidden_states=hidden.get("image"),
+            video_hidden_states=hidden.get("video"),
+            image_outputs=used.get("image"),
+            video_outputs=used.get("video"),
         )
         return self._return(output, return_dict)
 
@@ -1308,8 +1336,13 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             )
 
 
-def _encode_once_each(items: list[torch.Tensor], keys: torch.Tensor, encode) -> PPLLaVAVisualOutput:
-    """Encode each distinct (pixels, key) item once and hand its tokens to every duplicate, in the original order."""
+def _encode_once_each(
+    items: list[torch.Tensor], keys: torch.Tensor, encode, deduplicate: bool = True
+) -> PPLLaVAVisualOutput:
+    """Encode each distinct (pixels, key) item once and hand its tokens to every duplicate, in the original order
+    (with `deduplicate=False`, encode every item: the output then keeps every field of `encode`'s)."""
+    if not deduplicate:
+        return encode(list(range(len(items))))
     representative = []
     for index, (item, key) in enumerate(zip(items, keys)):
         match = next(
@@ -1348,14 +1381,21 @@ def _multi_image_rows(
 
 
 def _in_placeholder_order(parts: list[tuple[torch.Tensor, PPLLaVAVisualOutput]]) -> PPLLaVAVisualOutput:
-    """Visual items of several kinds (anyres images, multi-image groups), each kind with the batch row of every item,
-    as one output in placeholder order: by row (a row holds one kind), then in the order given."""
+    """Visual items of one or more kinds (anyres images, multi-image groups), each kind with the batch row of every
+    item, as one output whose tokens and relevance are in placeholder order: by row (a row holds one kind), then in the
+    order given. One kind is returned as it is; of several, the vision tower's outputs (when asked for) are those of
+    each kind in turn, anyres images first."""
+    if len(parts) == 1:
+        return parts[0][1]
     order = sorted(
         (row, kind, index) for kind, (rows, _) in enumerate(parts) for index, row in enumerate(rows.tolist())
     )
+    encoded = [output for _, output in parts]
+    tower = _join_vision_outputs(encoded) if all(output.last_hidden_state is not None for output in encoded) else {}
     return PPLLaVAVisualOutput(
-        pooler_output=[parts[kind][1].pooler_output[index] for _, kind, index in order],
-        relevance=[parts[kind][1].relevance[index] for _, kind, index in order],
+        **tower,
+        pooler_output=[encoded[kind].pooler_output[index] for _, kind, index in order],
+        relevance=[encoded[kind].relevance[index] for _, kind, index in order],
     )
 
 
@@ -1522,6 +1562,23 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
                 **visual,
             )
         return super().generate(inputs, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        """[`GenerationMixin.prepare_inputs_for_generation`], with the visual tokens handed to every forward whose input
+        ids still hold placeholders. transformers passes them only on the first iteration, but an assistant model's
+        first call (assisted decoding) is not one, although it starts without a cache and reads the whole prompt."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        visual = kwargs.get("mm_encoder_outputs")
+        window = model_inputs.get("input_ids")
+        if visual and "mm_encoder_outputs" not in model_inputs and window is not None:
+            placeholders = torch.isin(window, torch.tensor([self.config.image_token_id, self.config.video_token_id]))
+            if bool(placeholders.any()):
+                model_inputs["mm_encoder_outputs"] = visual
+        return model_inputs
+
+    # generate checks its keyword arguments against this method's signature: declare the inherited one, so the cache
+    # keeps whichever name the installed transformers gives it (`past_key_values` up to 5.23, `cache` from 5.24).
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
 
 def _move_right_padding_left(input_ids: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, dict]:
