@@ -11,7 +11,15 @@ import pytest
 import torch
 from model_tester import PPLLaVAModelTester, record_calls, record_pooling_windows
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, StaticCache
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StaticCache,
+)
 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAConfig, PPLLaVAForConditionalGeneration, PPLLaVAModel
@@ -484,6 +492,27 @@ def test_an_assistant_model_drafts_from_the_visual_tokens_and_greedy_tokens_stay
         handle.remove()
     torch.testing.assert_close(assisted, greedy(tester.model, batch))
     assert visual_calls[0] and not any(visual_calls[1:])  # the prompt with its video, then text-only drafting steps
+
+
+class ForceTokenFirst(LogitsProcessor):
+    """Makes the first generated token `token_id`."""
+
+    def __init__(self, token_id: int, prompt_length: int):
+        self.token_id, self.prompt_length = token_id, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == self.prompt_length:
+            scores = torch.full_like(scores, -math.inf)
+            scores[:, self.token_id] = 0
+        return scores
+
+
+def test_a_generated_token_equal_to_a_placeholder_id_is_decoded_as_text(tester):
+    batch = tester.collate([tester.video_sample()])
+    video_token = tester.config.video_token_id
+    force = LogitsProcessorList([ForceTokenFirst(video_token, batch["input_ids"].shape[1])])
+    tokens = greedy(tester.model, batch, new_tokens=4, logits_processor=force)
+    assert tokens[0, 0] == video_token and tokens.shape == (1, 4)
 
 
 def test_sampling_and_beam_search_return_the_requested_sequences(tester):

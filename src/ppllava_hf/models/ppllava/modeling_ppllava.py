@@ -1564,16 +1564,15 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         return super().generate(inputs, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
-        """[`GenerationMixin.prepare_inputs_for_generation`], with the visual tokens handed to every forward whose input
-        ids still hold placeholders. transformers passes them only on the first iteration, but an assistant model's
-        first call (assisted decoding) is not one, although it starts without a cache and reads the whole prompt."""
+        """[`GenerationMixin.prepare_inputs_for_generation`], with the visual tokens handed to every forward that reads
+        the whole prompt. transformers passes them only on the first iteration, but an assistant model's first call
+        (assisted decoding) is not one, although it starts without a cache. A decoding step reads only new tokens,
+        which carry no placeholders (a generated token that equals a placeholder id is text)."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         visual = kwargs.get("mm_encoder_outputs")
         window = model_inputs.get("input_ids")
-        if visual and "mm_encoder_outputs" not in model_inputs and window is not None:
-            placeholders = torch.isin(window, torch.tensor([self.config.image_token_id, self.config.video_token_id]))
-            if bool(placeholders.any()):
-                model_inputs["mm_encoder_outputs"] = visual
+        if visual and "mm_encoder_outputs" not in model_inputs and window is not None and window.shape == input_ids.shape:
+            model_inputs["mm_encoder_outputs"] = visual
         return model_inputs
 
     # generate checks its keyword arguments against this method's signature: declare the inherited one, so the cache

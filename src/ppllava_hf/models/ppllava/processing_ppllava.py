@@ -7,6 +7,7 @@ tokenizer (CLIP or SigLIP): the text that guides which patches the model keeps w
 
 import itertools
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -84,14 +85,20 @@ def default_chat_template(text_model_type: str) -> str:
     return CHATML_CHAT_TEMPLATE if text_model_type.startswith("qwen") else VICUNA_V1_CHAT_TEMPLATE
 
 
-def last_user_text(conversation: list[dict]) -> str:
+def _field(item, name: str):
+    """A field of a chat message or content block, given as a dict or as an object with attributes (both of which
+    `apply_chat_template` takes)."""
+    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
+
+
+def last_user_text(conversation: list) -> str:
     """Text of the last user turn of a conversation (text blocks joined by newlines), as the template renders it."""
     for message in reversed(conversation):
-        if message.get("role") == "user":
-            content = message.get("content") or []
+        if _field(message, "role") == "user":
+            content = _field(message, "content") or []
             if isinstance(content, str):
                 return content
-            return "\n".join(block["text"] for block in content if block.get("type") == "text")
+            return "\n".join(_field(block, "text") for block in content if _field(block, "type") == "text")
     return ""
 
 
