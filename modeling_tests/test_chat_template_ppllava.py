@@ -31,9 +31,10 @@ def assistant(text):
 VIDEO = {"type": "video", "path": "clip.mp4"}
 IMAGE = {"type": "image", "path": "photo.png"}
 
-# Expected texts, derived by hand from ppllava/conversation/conv.py: `conv.user_query(q, is_mm=True)` prefixes the
-# query with the media token(s) and "\n"; `get_prompt()` joins role + message + separator and, after a final user turn,
-# appends the assistant role. Videos use `<video>` where the original reused `<image>`.
+# Expected texts, derived by hand from ppllava/conversation/conv.py: `conv.user_query(q, is_mm=True)` gives each media
+# token of the query its "\n" (a query without one is prefixed with `<image>\n`); `get_prompt()` joins role + message +
+# separator and, after a final user turn, appends the assistant role. Videos use `<video>` where the original reused
+# `<image>`.
 CASES = {
     "one turn": (
         [user("What happens in the video?", VIDEO)],
@@ -51,10 +52,10 @@ CASES = {
         "You are Video-ChatGPT. USER: <video>\nDescribe it. ASSISTANT: ",
         "You are Video-ChatGPT.<|im_end|>\n<|im_start|>user\n<video>\nDescribe it.<|im_end|>\n<|im_start|>assistant\n",
     ),
-    "two media (num_mm_token=2)": (
+    "two media (each <image> of the query becomes <image>\\n)": (
         [user("Compare them.", IMAGE, VIDEO)],
-        "USER: <image><video>\nCompare them. ASSISTANT: ",
-        "<|im_start|>user\n<image><video>\nCompare them.<|im_end|>\n<|im_start|>assistant\n",
+        "USER: <image>\n<video>\nCompare them. ASSISTANT: ",
+        "<|im_start|>user\n<image>\n<video>\nCompare them.<|im_end|>\n<|im_start|>assistant\n",
     ),
     "string content": (
         [{"role": "user", "content": "Hello there"}],

@@ -6,6 +6,7 @@ Each test states what PPLLaVA relies on; a failure names the transformers change
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -21,7 +22,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ppllava_hf import PPLLaVAConfig, PPLLaVAVideoProcessor
+from ppllava_hf import PPLLaVAConfig, PPLLaVAProcessor, PPLLaVAVideoProcessor
 from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     CLIPMLP,
     AutoVideoProcessor,
@@ -33,6 +34,7 @@ from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     slice_logits_to_keep,
     vision_position_embeddings,
 )
+from ppllava_hf.testing.tiny import tiny_processor
 
 
 TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 50,
@@ -145,6 +147,27 @@ def test_video_processor_mixin_sets_settings_as_attributes_and_calls_preprocess(
 
 def test_auto_video_processor_takes_registrations():
     assert callable(AutoVideoProcessor.register) and callable(AutoVideoProcessor.from_pretrained)
+
+
+def test_processors_expand_image_placeholders_through_the_process_images_hook():
+    """`PPLLaVAProcessor._process_images` overrides `ProcessorMixin`'s hook (as transformers' own processors do) for the
+    multi-image mode: `__call__` must hand it the images and every images option, the processor's own included, then
+    expand the i-th `<image>` with the i-th returned replacement and return the processed outputs."""
+    calls = []
+
+    class RecordingProcessor(PPLLaVAProcessor):
+        def _process_images(self, images, **kwargs):
+            calls.append((images, kwargs))
+            return {"pixel_values_multi_image": [torch.zeros(1, 3, 84, 84)]}, [self.image_token * 3]
+
+    base = tiny_processor("vicuna")
+    processor = RecordingProcessor(base.image_processor, base.video_processor, base.tokenizer, base.prompt_tokenizer)
+    image = Image.new("RGB", (84, 84))
+    outputs = processor(text="<image> What is it?", images=[image], multi_image=True)
+    [(images, kwargs)] = calls
+    assert images == [[image]] and kwargs["multi_image"] == [True]
+    assert int((outputs["input_ids"] == processor.image_token_id).sum()) == 3
+    assert "pixel_values_multi_image" in outputs
 
 
 class KeepingFirstLayer(LlamaForCausalLM):

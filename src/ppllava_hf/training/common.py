@@ -12,6 +12,7 @@ from accelerate.utils import is_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin, Trainer
 from trl import ModelConfig, get_peft_config
 
+from ..models.ppllava.video_decoding_ppllava import FRAME_SAMPLINGS, FrameSampling
 from .freezing import FREEZING_PRESETS, apply_freezing_preset, check_freezing_preset
 from .rows import BadRowPolicy, RowChecker, SkippedRow, VideoCheck, check_options
 
@@ -52,6 +53,15 @@ class PPLLaVAConfigMixin:
             "help": "Check videos before training by reading their headers (open) or by decoding them (decode)."
         },
     )
+    frame_sampling: FrameSampling = field(
+        default="middle",
+        metadata={
+            "help": "Which frame of each of the num_frames segments the collators decode: its middle (PPLLaVA's "
+            "inference rule) or a random one, drawn afresh each epoch (the original's training sampler, which the "
+            "released recipes used). The saved processor keeps sampling the middle.",
+            "choices": list(FRAME_SAMPLINGS),
+        },
+    )
     freezing_preset: str | None = field(
         default=None,
         metadata={
@@ -68,6 +78,8 @@ class PPLLaVAConfigMixin:
 
     def __post_init__(self):
         check_options(self.on_bad_row, self.video_check)
+        if self.frame_sampling not in FRAME_SAMPLINGS:
+            raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLINGS}, got {self.frame_sampling!r}.")
         if self.freezing_preset is not None:
             check_freezing_preset(self.freezing_preset)
         if self.remove_unused_columns:
@@ -101,7 +113,8 @@ class PPLLaVATrainerMixin:
         if not isinstance(args, config_class):
             raise TypeError(
                 f"{type(self).__name__} takes a {config_class.__name__} as args (trl's config with PPLLaVA's options: "
-                f"media_folder, num_frames, on_bad_row, video_check, freezing_preset), got {type(args).__name__}."
+                f"media_folder, num_frames, frame_sampling, on_bad_row, video_check, freezing_preset), got "
+                f"{type(args).__name__}."
             )
         if processing_class is None:
             processing_class = default_processor(model)

@@ -36,6 +36,7 @@ from .token_counts_ppllava import (
     anyres_grid_shape,
     num_anyres_tiles,
     num_image_tokens,
+    num_multi_image_tokens,
     plan_image_pooling,
     plan_pooling,
     plan_video_pooling,
@@ -156,17 +157,19 @@ class PPLLaVAVisionPromptAlignment(nn.Module):
         prompt_config, vision_config = config.prompt_encoder_config, config.vision_config
         self.is_siglip = prompt_config.model_type == "siglip_text_model"
         self.freeze_prompt_encoder = config.freeze_prompt_encoder
-        # Stock CLIP/SigLIP text encoder, with PPLLaVA's extended position tables in place of its embeddings.
+        # Stock CLIP/SigLIP text encoder, with PPLLaVA's extended position tables in place of its embeddings (unless the
+        # checkpoint keeps the stock ones, the original's `extend_clip: false`).
         self.text_model = PROMPT_ENCODER_CLASSES[prompt_config.model_type](prompt_config)
-        replace_text_embeddings(
-            self.text_model,
-            PPLLaVAExtendedTextEmbeddings(
-                prompt_config.vocab_size,
-                prompt_config.hidden_size,
-                prompt_config.max_position_embeddings,
-                config.prompt_keep_positions,
-            ),
-        )
+        if config.extended_prompt_positions:
+            replace_text_embeddings(
+                self.text_model,
+                PPLLaVAExtendedTextEmbeddings(
+                    prompt_config.vocab_size,
+                    prompt_config.hidden_size,
+                    prompt_config.max_position_embeddings,
+                    config.prompt_keep_positions,
+                ),
+            )
         self.visual_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
         if self.is_siglip:
             self.text_projection = None
@@ -657,8 +660,9 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
             init.normal_(module.image_newline, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
         elif isinstance(module, PPLLaVAVisionPromptAlignment):
             embeddings = module.text_model.embeddings
-            init.normal_(embeddings.position_embedding_base, mean=0.0, std=std)
-            init.copy_(embeddings.position_embedding_residual, embeddings.position_embedding_base)
+            if isinstance(embeddings, PPLLaVAExtendedTextEmbeddings):
+                init.normal_(embeddings.position_embedding_base, mean=0.0, std=std)
+                init.copy_(embeddings.position_embedding_residual, embeddings.position_embedding_base)
             init.constant_(module.logit_scale, module.initial_logit_scale)
             if module.logit_bias is not None:
                 init.constant_(module.logit_bias, INITIAL_SIGLIP_LOGIT_BIAS)
@@ -730,6 +734,13 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         return num_image_tokens(
             image_size, config.image_grid_pinpoints, config.vision_config.image_size, config.patch_grid,
             config.image_pooling_kernel, config.image_pooling_stride, config.image_pooling_output_size,
+        )
+
+    def num_multi_image_tokens(self) -> int:
+        """Visual tokens of each image of a multi-image group."""
+        config = self.config
+        return num_multi_image_tokens(
+            config.patch_grid, config.image_pooling_kernel, config.image_pooling_stride, config.image_pooling_output_size
         )
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -900,13 +911,33 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             )
         return relevance[0], torch.cat(blocks, dim=1)[0]
 
-    def _video_list(self, pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-        if isinstance(pixel_values_videos, torch.Tensor) and pixel_values_videos.ndim != 5:
-            raise ValueError(
-                f"pixel_values_videos must be (videos, frames, 3, height, width), got shape {tuple(pixel_values_videos.shape)}."
-            )
-        check_pixel_batch(pixel_values_videos, "pixel_values_videos", self.config.vision_config.image_size)
-        return list(pixel_values_videos)
+    def _clip_list(self, pixel_values: torch.Tensor | list[torch.Tensor], name: str) -> list[torch.Tensor]:
+        """Clips `(frames, 3, H, W)`, checked, from a 5-D tensor or a list: the videos of `pixel_values_videos`, or the
+        image groups of `pixel_values_multi_image`."""
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim != 5:
+            items = "videos, frames" if name == "pixel_values_videos" else "groups, images"
+            raise ValueError(f"{name} must be ({items}, 3, height, width), got shape {tuple(pixel_values.shape)}.")
+        check_pixel_batch(pixel_values, name, self.config.vision_config.image_size)
+        return list(pixel_values)
+
+    def _encode_clips(
+        self,
+        clips: list[torch.Tensor],
+        prompts: torch.Tensor,
+        plans: list[PoolingPlan],
+        output_hidden_states: bool,
+        output_attentions: bool,
+    ) -> PPLLaVAVisualOutput:
+        """Each clip through the vision tower (+ BT-Adapter, across its frames), scored by one softmax over all of its
+        patches and pooled with its plan: a video, or the images of a multi-image group."""
+        encoded, tokens, relevance = [], [], []
+        for clip, prompt, plan in zip(clips, prompts, plans):
+            vision = self.encode_frames(clip, [clip.shape[0]], output_hidden_states, output_attentions)
+            clip_relevance, pooled = self._pool_clip(vision.last_hidden_state, prompt, plan)
+            encoded.append(vision)
+            tokens.append(pooled.flatten(0, 2))
+            relevance.append(clip_relevance)
+        return PPLLaVAVisualOutput(**_join_vision_outputs(encoded), pooler_output=tokens, relevance=relevance)
 
     def get_video_features(
         self,
@@ -935,18 +966,41 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         Returns a [`PPLLaVAVisualOutput`]: the tokens of each video in `pooler_output`, the selected vision features of
         every frame in `last_hidden_state`, the relevance of each video in `relevance`.
         """
-        videos = self._video_list(pixel_values_videos)
+        videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
-        output_hidden_states, output_attentions = self._vision_output_flags(kwargs)
-        encoded, tokens, relevance = [], [], []
-        for video, prompt in zip(videos, prompts):
-            plan = self.video_pooling_plan(video.shape[0], max_visual_tokens)
-            vision = self.encode_frames(video, [video.shape[0]], output_hidden_states, output_attentions)
-            clip_relevance, pooled = self._pool_clip(vision.last_hidden_state, prompt, plan)
-            encoded.append(vision)
-            tokens.append(pooled.flatten(0, 2))
-            relevance.append(clip_relevance)
-        output = PPLLaVAVisualOutput(**_join_vision_outputs(encoded), pooler_output=tokens, relevance=relevance)
+        plans = [self.video_pooling_plan(video.shape[0], max_visual_tokens) for video in videos]
+        output = self._encode_clips(videos, prompts, plans, *self._vision_output_flags(kwargs))
+        return self._return(output, return_dict)
+
+    def get_multi_image_features(
+        self,
+        pixel_values_multi_image: torch.Tensor | list[torch.Tensor],
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> PPLLaVAVisualOutput | tuple:
+        r"""
+        Visual tokens of multi-image groups, as the original's multi-image mode computes them: the images of a group are
+        one clip (the BT-Adapter attends across them, in order), scored by one softmax over all of their patches, and
+        each image is pooled on its own with the image windows. No anyres tiling, no `image_newline`.
+
+        pixel_values_multi_image (`torch.Tensor` of shape `(groups, images, 3, height, width)`, or a list of `(images, 3, H, W)`):
+            The images of each group, each squashed to the vision tower's square input.
+        clip_input_ids, clip_attention_mask, prompt_embeds:
+            One pooling prompt per group, as for `get_video_features`.
+        output_hidden_states, output_attentions (`bool`, *optional*):
+            Also return the vision tower's hidden states / attentions over all images (defaults: the config's).
+
+        Returns a [`PPLLaVAVisualOutput`]: per group, `(images * num_multi_image_tokens(), text_hidden_size)` tokens in
+        `pooler_output` (image by image: the tokens of its k-th image fill its k-th placeholder) and the relevance
+        `(images, rows, columns)`.
+        """
+        groups = self._clip_list(pixel_values_multi_image, "pixel_values_multi_image")
+        prompts = self._prompts_for_items(len(groups), "multi-image group", clip_input_ids, clip_attention_mask, prompt_embeds)
+        plans = [self.image_pooling_plan(group.shape[0]) for group in groups]
+        output = self._encode_clips(groups, prompts, plans, *self._vision_output_flags(kwargs))
         return self._return(output, return_dict)
 
     def get_image_features(
@@ -1013,7 +1067,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
     ) -> list[torch.Tensor]:
         """Prompt relevance of every patch of each video, `(frames, rows, columns)` float32 summing to one: where in space
         and time the model looks for the prompt (the weights of its pooling)."""
-        videos = self._video_list(pixel_values_videos)
+        videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, None)
         return [
             self._relevance(self.encode_frames(video, [video.shape[0]]).last_hidden_state, prompt)[0]
@@ -1062,15 +1116,20 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
+        pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
+        multi_image: torch.Tensor | list[bool] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> dict[str, PPLLaVAVisualOutput]:
-        """Visual tokens of every image and video of a batch, each pooled by the prompt of the sample it belongs to.
+        """Visual tokens of every image, multi-image group and video of a batch, each pooled by the prompt of the sample
+        it belongs to.
 
-        The owner of each image/video is read from the placeholders in `input_ids` (or `inputs_embeds`); the prompt
+        The owner of each item is read from the placeholders in `input_ids` (or `inputs_embeds`); `multi_image` (one
+        bool per sample) says which samples' image placeholders belong to a multi-image group rather than to anyres
+        images (without it, all of them belong to `pixel_values_multi_image` when only that is given). The prompt
         encoder runs once per sample, and identical items with identical prompts (a preference pair's chosen and
         rejected rows, say) are encoded once, unless `output_hidden_states` / `output_attentions` ask for the vision
         tower's outputs, which then cover every item in order. The result is what `forward(mm_encoder_outputs=...)`
-        takes.
+        takes: its `"image"` entry holds the anyres images and multi-image groups in the order of their placeholders.
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("encode_multimodal needs input_ids or inputs_embeds to find the placeholders.")
@@ -1090,14 +1149,19 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         deduplicate = not tower_outputs
         prompt_keys = clip_input_ids if clip_attention_mask is None else torch.cat([clip_input_ids, clip_attention_mask], -1)
         outputs = {}
+        image_parts = []
+        if pixel_values is not None or pixel_values_multi_image is not None:
+            image_mask = self._placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
+            group_rows = _multi_image_rows(
+                multi_image, batch_size, pixel_values is not None, pixel_values_multi_image is not None, image_mask.device
+            )[:, None]
         if pixel_values is not None:
             if image_sizes is None:
                 raise ValueError("Images need `image_sizes` (their original height and width); the processor returns them.")
             counts = [self.num_image_tokens(tuple(int(v) for v in size)) for size in image_sizes]
-            mask = self._placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
-            rows = self._owner_rows(mask, counts, "image")
+            rows = self._owner_rows(image_mask & ~group_rows, counts, "image")
             keys = torch.cat([prompt_keys[rows], image_sizes.to(prompt_keys.device, prompt_keys.dtype)], -1)
-            outputs["image"] = _encode_once_each(
+            image_parts.append((rows, _encode_once_each(
                 list(pixel_values),
                 keys,
                 lambda unique: self.get_image_features(
@@ -1108,9 +1172,26 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                     **tower_outputs,
                 ),
                 deduplicate,
-            )
+            )))
+        if pixel_values_multi_image is not None:
+            groups = self._clip_list(pixel_values_multi_image, "pixel_values_multi_image")
+            counts = [group.shape[0] * self.num_multi_image_tokens() for group in groups]
+            group_owners = self._owner_rows(image_mask & group_rows, counts, "multi-image group")
+            image_parts.append((group_owners, _encode_once_each(
+                groups,
+                prompt_keys[group_owners],
+                lambda unique: self.get_multi_image_features(
+                    [groups[i] for i in unique],
+                    prompt_embeds=prompt_embeds[group_owners[unique]],
+                    return_dict=True,
+                    **tower_outputs,
+                ),
+                deduplicate,
+            )))
+        if image_parts:
+            outputs["image"] = _in_placeholder_order(image_parts)
         if pixel_values_videos is not None:
-            videos = self._video_list(pixel_values_videos)
+            videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
             counts = [self.video_pooling_plan(video.shape[0], max_visual_tokens).num_tokens for video in videos]
             mask = self._placeholder_mask(self.config.video_token_id, input_ids, inputs_embeds)
             rows = self._owner_rows(mask, counts, "video")
@@ -1157,6 +1238,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         max_visual_tokens: int | None = None,
+        pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
+        multi_image: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAModelOutputWithPast | tuple:
@@ -1168,6 +1251,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             A step without placeholders (a decoding step) has nothing to scatter them into and ignores them.
         max_visual_tokens (`int`, *optional*):
             Token budget per video for this call (defaults to `config.max_visual_tokens`).
+        pixel_values_multi_image (`list[torch.Tensor]`, *optional*):
+            The images of each multi-image sample, `(images, 3, height, width)` squashed to the vision tower's input:
+            encoded together as one clip (see `get_multi_image_features`); the k-th fills the sample's k-th `<image>`.
+        multi_image (`torch.BoolTensor` of shape `(batch,)`, *optional*):
+            Which samples are multi-image samples (needed when a batch mixes them with anyres images).
         kwargs:
             Passed to the language model, the KV cache included under the name the installed transformers gives it
             (`past_key_values` up to 5.23, `cache` from 5.24): PPLLaVA itself never reads the cache.
@@ -1176,7 +1264,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        has_pixels = pixel_values is not None or pixel_values_videos is not None
+        has_pixels = any(pixels is not None for pixels in (pixel_values, pixel_values_videos, pixel_values_multi_image))
         if has_pixels and mm_encoder_outputs is not None:
             raise ValueError("Pass either pixel inputs or mm_encoder_outputs, not both.")
         if (input_ids if input_ids is not None else inputs_embeds).shape[1] > 1:  # a prompt, not a decoding step
@@ -1189,8 +1277,17 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         if has_pixels:
             tower_outputs = {key: kwargs[key] for key in ("output_hidden_states", "output_attentions") if key in kwargs}
             mm_encoder_outputs = self.encode_multimodal(
-                input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos,
-                clip_input_ids, clip_attention_mask, max_visual_tokens, **tower_outputs,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                pixel_values=pixel_values,
+                image_sizes=image_sizes,
+                pixel_values_videos=pixel_values_videos,
+                clip_input_ids=clip_input_ids,
+                clip_attention_mask=clip_attention_mask,
+                max_visual_tokens=max_visual_tokens,
+                pixel_values_multi_image=pixel_values_multi_image,
+                multi_image=multi_image,
+                **tower_outputs,
             )
         hidden, used = {}, {}
         for modality, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
@@ -1231,7 +1328,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
     ) -> None:
         count = int(self._placeholder_mask(token_id, input_ids, inputs_embeds).sum())
         if count:
-            pixels = "pixel_values_videos" if modality == "video" else "pixel_values (and image_sizes)"
+            pixels = (
+                "pixel_values_videos" if modality == "video"
+                else "pixel_values (and image_sizes), or pixel_values_multi_image"
+            )
             raise ValueError(
                 f"The input has {count} {modality} placeholder tokens but no {modality} to fill them: pass {pixels} and "
                 "clip_input_ids (the PPLLaVA processor returns them), or precomputed mm_encoder_outputs."
@@ -1262,6 +1362,42 @@ def _encode_once_each(
     return PPLLaVAVisualOutput(
         pooler_output=[encoded.pooler_output[i] for i in slot],
         relevance=[encoded.relevance[i] for i in slot],
+    )
+
+
+def _multi_image_rows(
+    multi_image: torch.Tensor | list[bool] | None, batch_size: int, has_images: bool, has_groups: bool, device: torch.device
+) -> torch.Tensor:
+    """`(batch,)` bools: which samples' image placeholders belong to a multi-image group (the others: anyres images)."""
+    if multi_image is None:
+        if has_images and has_groups:
+            raise ValueError(
+                "Both anyres images (pixel_values) and multi-image groups (pixel_values_multi_image) were given: pass "
+                "multi_image (one bool per sample, which the PPLLaVA processor returns) to say which samples hold groups."
+            )
+        return torch.full((batch_size,), has_groups, dtype=torch.bool, device=device)
+    rows = torch.as_tensor(multi_image, device=device).bool().flatten()
+    if rows.shape[0] != batch_size:
+        raise ValueError(f"multi_image has {rows.shape[0]} entries for a batch of {batch_size}: give one bool per sample.")
+    return rows
+
+
+def _in_placeholder_order(parts: list[tuple[torch.Tensor, PPLLaVAVisualOutput]]) -> PPLLaVAVisualOutput:
+    """Visual items of one or more kinds (anyres images, multi-image groups), each kind with the batch row of every
+    item, as one output whose tokens and relevance are in placeholder order: by row (a row holds one kind), then in the
+    order given. One kind is returned as it is; of several, the vision tower's outputs (when asked for) are those of
+    each kind in turn, anyres images first."""
+    if len(parts) == 1:
+        return parts[0][1]
+    order = sorted(
+        (row, kind, index) for kind, (rows, _) in enumerate(parts) for index, row in enumerate(rows.tolist())
+    )
+    encoded = [output for _, output in parts]
+    tower = _join_vision_outputs(encoded) if all(output.last_hidden_state is not None for output in encoded) else {}
+    return PPLLaVAVisualOutput(
+        **tower,
+        pooler_output=[encoded[kind].pooler_output[index] for _, kind, index in order],
+        relevance=[encoded[kind].relevance[index] for _, kind, index in order],
     )
 
 
@@ -1315,6 +1451,10 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         """See [`PPLLaVAModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
 
+    def get_multi_image_features(self, pixel_values_multi_image, **kwargs) -> PPLLaVAVisualOutput | tuple:
+        """See [`PPLLaVAModel.get_multi_image_features`]."""
+        return self.model.get_multi_image_features(pixel_values_multi_image, **kwargs)
+
     def get_video_relevance(self, pixel_values_videos, clip_input_ids, clip_attention_mask=None) -> list[torch.Tensor]:
         """See [`PPLLaVAModel.get_video_relevance`]."""
         return self.model.get_video_relevance(pixel_values_videos, clip_input_ids, clip_attention_mask)
@@ -1339,6 +1479,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         max_visual_tokens: int | None = None,
+        pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
+        multi_image: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVACausalLMOutputWithPast | tuple:
@@ -1351,6 +1493,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             Precomputed visual tokens instead of pixels (see `encode_multimodal`).
         max_visual_tokens (`int`, *optional*):
             Token budget per video for this call.
+        pixel_values_multi_image, multi_image (*optional*):
+            Multi-image samples (the processor's `multi_image=True`); see [`PPLLaVAModel.forward`].
         kwargs:
             Passed to the language model (the KV cache included, under the installed transformers' name for it).
 
@@ -1382,6 +1526,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs,
             max_visual_tokens=max_visual_tokens,
+            pixel_values_multi_image=pixel_values_multi_image,
+            multi_image=multi_image,
             return_dict=True,
             **kwargs,
         )
@@ -1401,14 +1547,17 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         """[`GenerationMixin.generate`], with every image and video encoded once, before decoding starts, and pooled by
         the prompt of the sample it belongs to (the placeholders in the input ids say which). Beams and
         `num_return_sequences` reuse those tokens instead of re-encoding the pixels."""
-        visual_keys = ("pixel_values", "image_sizes", "pixel_values_videos", "clip_input_ids", "clip_attention_mask")
+        visual_keys = (
+            "pixel_values", "image_sizes", "pixel_values_videos", "pixel_values_multi_image", "multi_image",
+            "clip_input_ids", "clip_attention_mask",
+        )
         visual = {key: kwargs.pop(key, None) for key in visual_keys}
         max_visual_tokens = kwargs.pop("max_visual_tokens", None)
         if inputs is None and "input_ids" in kwargs:
             inputs = kwargs.pop("input_ids")
         check_attended_rows(kwargs.get("attention_mask"))
         inputs, kwargs = _move_right_padding_left(inputs, kwargs)
-        if visual["pixel_values"] is not None or visual["pixel_values_videos"] is not None:
+        if any(visual[key] is not None for key in ("pixel_values", "pixel_values_videos", "pixel_values_multi_image")):
             if kwargs.get("mm_encoder_outputs") is not None:
                 raise ValueError("Pass either pixel inputs or mm_encoder_outputs to generate, not both.")
             kwargs["mm_encoder_outputs"] = self.model.encode_multimodal(
