@@ -13,13 +13,25 @@ Resuming: rows whose id is already in --output are skipped, so an interrupted ru
 --retry-errors first removes the rows that failed, to run them again. A row that fails (missing or corrupt video, ...)
 is written with its error and the run goes on. Each batch is padded on the left and generated in one call; each video
 is pooled under its own question.
+
+Several processes (one per GPU, or CPU processes), each with its own copy of the model:
+
+    torchrun --nproc_per_node 8 examples/batch_infer.py --input questions.jsonl --output answers.jsonl --model ...
+    accelerate launch --num_processes 8 --multi_gpu examples/batch_infer.py ...
+
+accelerate's `split_between_processes` gives each process its share of the rows still to answer; each writes its
+answers to `<output>.rank<k>.part` as it goes, and the main process merges them into --output, in input order, at the
+end (or, after an interruption, at the start of the next run).
 """
 
 import argparse
+import glob
 import json
 import time
 from pathlib import Path
 
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from ppllava_cli import (
     EMBEDDED_DEFAULT_NOTE,
     LoadedModel,
@@ -27,11 +39,13 @@ from ppllava_cli import (
     answer_batch,
     decode_or_error,
     load_model,
+    resolve_device,
     video_question_prompt,
 )
 from tqdm import tqdm
 
 
+PART_SUFFIX = ".rank{}.part"
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"}
 
 
@@ -57,15 +71,37 @@ def read_rows(source: Path, question: str | None) -> list[dict]:
     return rows
 
 
-def finished_ids(output: Path, retry_errors: bool) -> set:
-    """Ids already in `output`; with `retry_errors`, rows that failed are first removed from the file."""
-    if not output.exists():
-        return set()
-    rows = [json.loads(line) for line in output.read_text().splitlines() if line.strip()]
-    if retry_errors:
-        rows = [row for row in rows if "error" not in row]
-        output.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return {row["id"] for row in rows}
+def finished_ids(output: Path) -> set:
+    """Ids already in `output`."""
+    return {row["id"] for row in read_jsonl(output)} if output.exists() else set()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def part_path(output: Path, process_index: int) -> Path:
+    """Where process `process_index` writes its answers until they are merged into `output`."""
+    return output.with_name(output.name + PART_SUFFIX.format(process_index))
+
+
+def merge_outputs(output: Path, rows: list[dict], drop_errors: bool = False) -> None:
+    """Fold the part files of every process (`part_path`) into `output`, its rows in the order of the input `rows`
+    (rows of ids no longer in the input keep their order after them); with `drop_errors`, rows that failed are
+    removed."""
+    parts = list(output.parent.glob(glob.escape(output.name) + PART_SUFFIX.format("*")))
+    if not parts and not drop_errors:
+        return
+    results = [result for path in (output, *parts) if path.exists() for result in read_jsonl(path)]
+    if drop_errors:
+        results = [result for result in results if "error" not in result]
+    position = {row["id"]: index for index, row in enumerate(rows)}
+    results.sort(key=lambda result: position.get(result["id"], len(rows)))
+    merged = output.with_name(f"{output.name}.merging")
+    merged.write_text("".join(json.dumps(result) + "\n" for result in results))
+    merged.replace(output)
+    for path in parts:
+        path.unlink()
 
 
 def answer_rows(loaded: LoadedModel, rows: list[dict], args: argparse.Namespace) -> list[dict]:
@@ -119,29 +155,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # One process, or one of several started by torchrun / accelerate launch (CPU ones where there is no GPU).
+    state = PartialState(cpu=resolve_device(args.device).type == "cpu")
+    if args.device == "auto":
+        args.device = str(state.device)
     rows = read_rows(args.input, args.question)
-    done = finished_ids(args.output, args.retry_errors)
+    if state.is_main_process:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        merge_outputs(args.output, rows, drop_errors=args.retry_errors)
+    state.wait_for_everyone()
+    done = finished_ids(args.output)
     todo = [row for row in rows if row["id"] not in done]
-    print(f"{len(rows)} rows, {len(rows) - len(todo)} already in {args.output}, {len(todo)} to answer")
-    counts = {"answered": 0, "errors": 0, "skipped": len(rows) - len(todo)}
-    if not todo:
+    state.print(f"{len(rows)} rows, {len(rows) - len(todo)} already in {args.output}, {len(todo)} to answer"
+                + (f" over {state.num_processes} processes" if state.num_processes > 1 else ""))
+    start = time.perf_counter()
+    with state.split_between_processes(todo) as share:
+        counts = answer_share(share, part_path(args.output, state.process_index), args, state)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_outputs(args.output, rows)
+    counts = {key: sum(process[key] for process in gather_object([counts])) for key in counts}
+    counts["skipped"] = len(rows) - len(todo)
+    if todo:
+        seconds = time.perf_counter() - start
+        state.print(f"{counts['answered']} answered, {counts['errors']} errors in {seconds:.1f} s "
+                    f"({len(todo) / seconds:.2f} rows/s); wrote {args.output}")
+    return counts
+
+
+def answer_share(rows: list[dict], part: Path, args: argparse.Namespace, state: PartialState) -> dict:
+    """Answer this process's `rows` in batches, appending each result to `part` as it comes; returns the counts. A
+    process with no rows loads no model."""
+    counts = {"answered": 0, "errors": 0}
+    if not rows:
         return counts
     loaded = load_model(args)
     if loaded.is_embedded_default:
-        print(EMBEDDED_DEFAULT_NOTE)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with args.output.open("a") as output, tqdm(total=len(todo), unit="row") as progress:
-        for first in range(0, len(todo), args.batch_size):
-            for result in answer_rows(loaded, todo[first : first + args.batch_size], args):
+        state.print(EMBEDDED_DEFAULT_NOTE)
+    with part.open("a") as output, tqdm(total=len(rows), unit="row", disable=not state.is_main_process) as progress:
+        for first in range(0, len(rows), args.batch_size):
+            for result in answer_rows(loaded, rows[first : first + args.batch_size], args):
                 output.write(json.dumps(result) + "\n")
                 counts["errors" if "error" in result else "answered"] += 1
             output.flush()
-            progress.update(min(args.batch_size, len(todo) - first))
+            progress.update(min(args.batch_size, len(rows) - first))
             progress.set_postfix(errors=counts["errors"])
-    seconds = time.perf_counter() - start
-    print(f"{counts['answered']} answered, {counts['errors']} errors in {seconds:.1f} s "
-          f"({len(todo) / seconds:.2f} rows/s); wrote {args.output}")
     return counts
 
 

@@ -2,8 +2,10 @@
 
 The defaults are the released recipe (config/dpo/dpo_ppllava_vicuna7b.yaml of the original): sigmoid loss, beta 0.1,
 an SFT term of weight 0 (--loss_type sigmoid sft --loss_weights 1.0 0.0; raise the second weight for RPO-style
-training), learning rate 5e-6 with a linear schedule and 10% warmup, 2 epochs, 32 frames per video, 2048 tokens at
-most, and only the language model learning (--freezing_preset dpo).
+training), learning rate 5e-6 with a linear schedule and 10% warmup, 2 epochs, 32 frames per video drawn at random
+inside their segments (--frame_sampling random, the original's training sampler), and only the language model learning
+(--freezing_preset dpo). Rows are at most 3072 tokens: the original's model_max_length of 2048 counted the video as
+one placeholder token, and here the video's tokens count too (1024 for 32 frames of 24x24 patches pooled by (2,3,3)).
 
     # The recipe on a converted PPLLaVA and the original's preference JSONL (prompt / chosen / rejected / video):
     accelerate launch examples/train_dpo.py --model_name_or_path ppllava-vicuna-7b --dtype bfloat16 \\
@@ -20,7 +22,7 @@ The original ran this stage with DeepSpeed ZeRO-2:
 `accelerate launch --config_file <trl>/accelerate_configs/zero2.yaml examples/train_dpo.py ...`.
 """
 
-from training_script import print_by_step, run_training_script
+from training_script import build_trainer, print_by_step, train_and_save
 
 from ppllava_hf.training.dpo import PPLLaVADPOConfig, PPLLaVADPOTrainer
 
@@ -33,14 +35,15 @@ RECIPE = dict(
     lr_scheduler_type="linear",
     warmup_steps=0.1,
     num_train_epochs=2,
-    max_length=2048,
+    max_length=3072,
     num_frames=32,
+    frame_sampling="random",
     freezing_preset="dpo",
 )
 
 
 def main() -> None:
-    trainer = run_training_script(PPLLaVADPOTrainer, PPLLaVADPOConfig, "preference", RECIPE, __doc__)
+    trainer = train_and_save(build_trainer(PPLLaVADPOTrainer, PPLLaVADPOConfig, "preference", RECIPE, __doc__))
     print_by_step(trainer, "rewards/margins", "Reward margin (chosen - rejected)")
 
 

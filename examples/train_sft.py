@@ -1,9 +1,13 @@
 """Video SFT of PPLLaVA with trl's SFTTrainer, learning the assistant turns only.
 
 The defaults are the released recipe (config/vicuna/ppllava_vicuna7b_videoonly.yaml of the original): learning rate
-2e-5 with a cosine schedule and 3% warmup, 2 epochs, 32 frames per video, 1024 tokens at most, and everything but the
-vision tower learning, its BT-Adapter included (--freezing_preset sft; the CLIP prompt encoder stays frozen, as the
-original runs it without gradient).
+2e-5 with a cosine schedule and 3% warmup, 2 epochs, 32 frames per video drawn at random inside their segments
+(--frame_sampling random, the original's training sampler), and everything but the vision tower learning, its
+BT-Adapter included (--freezing_preset sft; the CLIP prompt encoder stays frozen, as the original runs it without
+gradient). Rows are at most 4096 tokens, Vicuna-7B's context: the recipe's model_max_length of 1024 was never applied
+by the original, and a 32-frame video alone is 1024 tokens (24x24 patches pooled by (2,3,3) windows: 16 x 8 x 8).
+One departure: the pooling is guided by each row's last question, as at inference; --pooling_prompt_source
+conversation guides it by the whole templated conversation, as the original SFT did (see ppllava_hf.training.sft).
 
     # The recipe on a PPLLaVA built from its backbones (examples/build_from_backbones.py) and a JSONL of conversations
     # ({"messages": [...], "video": "clips/0001.mp4"}, see ppllava_hf.training.sft):
@@ -21,7 +25,7 @@ The original ran this stage with DeepSpeed ZeRO-3:
 `accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml examples/train_sft.py ...`.
 """
 
-from training_script import print_by_step, run_training_script
+from training_script import build_trainer, print_by_step, train_and_save
 
 from ppllava_hf.training.sft import PPLLaVASFTConfig, PPLLaVASFTTrainer
 
@@ -31,14 +35,15 @@ RECIPE = dict(
     lr_scheduler_type="cosine",
     warmup_steps=0.03,
     num_train_epochs=2,
-    max_length=1024,
+    max_length=4096,
     num_frames=32,
+    frame_sampling="random",
     freezing_preset="sft",
 )
 
 
 def main() -> None:
-    trainer = run_training_script(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", RECIPE, __doc__)
+    trainer = train_and_save(build_trainer(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", RECIPE, __doc__))
     print_by_step(trainer, "loss", "Training loss")
 
 

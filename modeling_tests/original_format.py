@@ -111,6 +111,17 @@ def extended_text_tower(prefix: str, vocab: int, dim: int, intermediate: int, la
     }
 
 
+def stock_text_tower(prefix: str, vocab: int, dim: int, intermediate: int, layers: int, positions: int) -> Shapes:
+    """The stock CLIP text transformer the original keeps with `extend_clip: false`: one `nn.Embedding` position table
+    (`position_embedding.weight`) of CLIP's own length."""
+    return {
+        f"{prefix}.embeddings.token_embedding.weight": (vocab, dim),
+        f"{prefix}.embeddings.position_embedding.weight": (positions, dim),
+        **_encoder_layers(f"{prefix}.encoder", dim, intermediate, layers),
+        **_layer_norm(f"{prefix}.final_layer_norm", dim),
+    }
+
+
 def causal_lm(vocab: int, dim: int, intermediate: int, layers: int, heads: int, kv_heads: int, qkv_bias: bool) -> Shapes:
     """Llama (Vicuna) or Qwen2 (`qkv_bias`) under the original's `language_model.` prefix."""
     head_dim = dim // heads
@@ -171,9 +182,11 @@ def vicuna_layout(
     hidden: int = 64,
     intermediate: int = 128,
     layers: int = 2,
+    extend_clip: bool = True,
 ) -> OriginalLayout:
-    """`llava_next` layout: CLIP vision tower (+ BT-Adapter unless `btadapter_depth` is None), extended CLIP text tower
-    with CLIP's projections, Llama. The defaults are the shared fixture's sizes."""
+    """`llava_next` layout: CLIP vision tower (+ BT-Adapter unless `btadapter_depth` is None), CLIP text tower (extended
+    to 248 positions, or CLIP's stock 77 without `extend_clip`) with CLIP's projections, Llama. The defaults are the
+    shared fixture's sizes."""
     vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=84, patch_size=14, projection_dim=40)
     text = dict(hidden_size=48, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
     vision_config = dict(model_type="clip_vision_model", **vision)
@@ -183,6 +196,7 @@ def vicuna_layout(
         _PPLLAVA_FIELDS,
         model_type="llava_next",
         qwen=False,
+        extend_clip=extend_clip,
         btadapter=btadapter_depth is not None,
         btadapter_depth=btadapter_depth or 4,
         image_token_index=image_token_index,
@@ -209,7 +223,8 @@ def vicuna_layout(
     if btadapter_depth is not None:
         shapes.update(btadapter(tower, 32, 128, btadapter_depth, 64))
     projector = "multi_modal_projector"
-    shapes.update(extended_text_tower(f"{projector}.clip_text_model", 512, 48, 192, 2, 248))
+    text_tower = extended_text_tower if extend_clip else stock_text_tower
+    shapes.update(text_tower(f"{projector}.clip_text_model", 512, 48, 192, 2, 248 if extend_clip else 77))
     shapes.update({
         f"{projector}.clip_text_projection.weight": (40, 48),
         f"{projector}.clip_visual_projection.weight": (40, 32),

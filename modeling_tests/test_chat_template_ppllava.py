@@ -1,9 +1,13 @@
 """Chat templates: the text of PPLLaVA's conversation templates (conv.py `plain_v1` / `plain_qwen`), and
 `apply_chat_template(..., tokenize=True, return_dict=True)` giving model-ready inputs."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging import version
 from PIL import Image
 from video_test_files import write_video
 
@@ -27,9 +31,10 @@ def assistant(text):
 VIDEO = {"type": "video", "path": "clip.mp4"}
 IMAGE = {"type": "image", "path": "photo.png"}
 
-# Expected texts, derived by hand from ppllava/conversation/conv.py: `conv.user_query(q, is_mm=True)` prefixes the
-# query with the media token(s) and "\n"; `get_prompt()` joins role + message + separator and, after a final user turn,
-# appends the assistant role. Videos use `<video>` where the original reused `<image>`.
+# Expected texts, derived by hand from ppllava/conversation/conv.py: `conv.user_query(q, is_mm=True)` gives each media
+# token of the query its "\n" (a query without one is prefixed with `<image>\n`); `get_prompt()` joins role + message +
+# separator and, after a final user turn, appends the assistant role. Videos use `<video>` where the original reused
+# `<image>`.
 CASES = {
     "one turn": (
         [user("What happens in the video?", VIDEO)],
@@ -47,10 +52,10 @@ CASES = {
         "You are Video-ChatGPT. USER: <video>\nDescribe it. ASSISTANT: ",
         "You are Video-ChatGPT.<|im_end|>\n<|im_start|>user\n<video>\nDescribe it.<|im_end|>\n<|im_start|>assistant\n",
     ),
-    "two media (num_mm_token=2)": (
+    "two media (each <image> of the query becomes <image>\\n)": (
         [user("Compare them.", IMAGE, VIDEO)],
-        "USER: <image><video>\nCompare them. ASSISTANT: ",
-        "<|im_start|>user\n<image><video>\nCompare them.<|im_end|>\n<|im_start|>assistant\n",
+        "USER: <image>\n<video>\nCompare them. ASSISTANT: ",
+        "<|im_start|>user\n<image>\n<video>\nCompare them.<|im_end|>\n<|im_start|>assistant\n",
     ),
     "string content": (
         [{"role": "user", "content": "Hello there"}],
@@ -128,3 +133,26 @@ def test_assistant_mask_covers_the_answer_and_its_separator(layout, answer):
     inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     mask = torch.as_tensor(inputs["assistant_masks"][0]).bool()
     assert processor.decode(inputs["input_ids"][0][mask]).strip() == answer
+
+
+@dataclasses.dataclass
+class Message:
+    role: str
+    content: list
+
+
+@pytest.mark.skipif(
+    version.parse(transformers.__version__) < version.parse("5.24"),
+    reason="transformers takes chat messages as objects with attributes from 5.24 on",
+)
+def test_message_objects_give_what_their_dicts_give_the_pooling_prompt_included():
+    processor = tiny_processor("vicuna")
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    as_dicts = [user("Where does the ball go?", {"type": "video", "video": frames})]
+    as_objects = [Message(message["role"], message["content"]) for message in as_dicts]
+    expected, inputs = (
+        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        for messages in (as_dicts, as_objects)
+    )
+    for name in ("input_ids", "clip_input_ids", "clip_attention_mask"):
+        torch.testing.assert_close(inputs[name], expected[name])

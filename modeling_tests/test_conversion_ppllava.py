@@ -16,15 +16,26 @@ import torch
 from original_format import FIXTURE, qwen_layout, vicuna_layout, write_original_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
 from ppllava_hf.conversion.convert import convert_checkpoint
 from ppllava_hf.conversion.rules import ConversionError, convert_config, expected_state
-from ppllava_hf.conversion.verification import inputs_for_case, load_reference_cases, verify_against_reference
+from ppllava_hf.conversion.verification import (
+    FEATURE_TOLERANCE,
+    LOGITS_TOLERANCE,
+    inputs_for_case,
+    load_reference_cases,
+    verify_against_reference,
+    verify_cases,
+)
 
 
 CHECKPOINT = FIXTURE / "checkpoint"
 CASES = ("video", "image", "batch")
+# Cases the original code computed on the same checkpoint: multi-image samples and odd-aspect anyres images.
+MULTI_IMAGE_FIXTURE = FIXTURE.parent / "original_tiny_vicuna_multiimage"
+MULTI_IMAGE_CASES = ("multi_image_3", "multi_image_2_batch", "image_odd_aspect")
 
 
 def _converted_keys(folder: Path) -> dict[str, tuple]:
@@ -120,6 +131,84 @@ def test_the_placeholder_stays_valid_for_the_original_vocabulary(fixture_model):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Parity with the original code on multi-image samples and odd-aspect images
+
+
+def _multi_image_cases() -> dict:
+    """The multi-image fixture's cases, `multi_image_3` compared with the outputs the original gives when its tower sees
+    the 3 images in order: with exactly 3 images the original reads them channel-first (its `x.shape[1] == 3` test), a
+    bug we do not reproduce. Its swapped retrieval logits and greedy tokens have no unswapped counterpart recorded."""
+    cases = {case.name: case for case in load_reference_cases(str(MULTI_IMAGE_FIXTURE))}
+    tensors = load_file(MULTI_IMAGE_FIXTURE / "cases.safetensors")
+    case = cases["multi_image_3"]
+    visual = tensors["multi_image_3.visual_features_unswapped.0"]
+    placeholder = json.loads((MULTI_IMAGE_FIXTURE / "cases.json").read_text())["resolved_config"]["image_token_index"]
+    placeholders = case.inputs["input_ids"][0] == placeholder
+    visual_positions = placeholders.repeat_interleave(torch.where(placeholders, visual.shape[1], 1))
+    merged = case.outputs["merged_inputs_embeds"].clone()
+    merged[0, visual_positions] = visual.flatten(0, 1)
+    case.outputs.update(
+        logits=tensors["multi_image_3.logits_unswapped"],
+        merged_inputs_embeds=merged,
+        **{"visual_features.0": visual, "vision_selected_features.0": tensors["multi_image_3.vision_selected_features_unswapped.0"]},
+    )
+    for swapped in ("retrieve_logits.0", "generated_ids"):
+        del case.outputs[swapped]
+    return cases
+
+
+# Masks and position ids select the compared positions; the processor's pixels are checked by the processor tests.
+NOT_COMPARED = ("merged_attention_mask", "merged_position_ids", "processor_pixel_values")
+MULTI_IMAGE_COMPARED = sorted(
+    f"{case.name}.{key}" for case in _multi_image_cases().values() for key in case.outputs
+    if key.split(".")[0] not in NOT_COMPARED
+)
+
+
+@pytest.fixture(scope="module")
+def multi_image_parity(fixture_model) -> dict[str, float]:
+    return {check.name: check.difference for check in verify_cases(fixture_model, list(_multi_image_cases().values())).checks}
+
+
+def test_every_recorded_tensor_of_the_multi_image_cases_is_compared(multi_image_parity):
+    assert sorted(multi_image_parity) == MULTI_IMAGE_COMPARED
+
+
+@pytest.mark.parametrize("name", MULTI_IMAGE_COMPARED)
+def test_multi_image_and_odd_aspect_outputs_match_the_original(multi_image_parity, name):
+    assert multi_image_parity[name] <= (LOGITS_TOLERANCE if name.endswith(".logits") else FEATURE_TOLERANCE)
+
+
+def test_visual_token_counts_are_the_originals(fixture_model):
+    description = json.loads((MULTI_IMAGE_FIXTURE / "cases.json").read_text())
+    backbone = fixture_model.model
+    for case in description["cases"]:
+        if case["name"] == "image_odd_aspect":
+            ours = [backbone.num_image_tokens(tuple(image["image_size_hw"])) for image in case["unpad"]]
+        else:
+            ours = [count * backbone.num_multi_image_tokens() for count in case["num_images"]]
+        assert ours == case["visual_tokens_per_sample"], case["name"]
+
+
+def test_given_the_tower_input_the_original_built_every_recorded_output_of_three_images_matches(fixture_model):
+    """Fed the channel-first frames the original's tower actually saw for 3 images, the model reproduces all of the
+    original's outputs, greedy tokens included: the 3-image difference is exactly the original's axis mix-up."""
+    case = next(case for case in load_reference_cases(str(MULTI_IMAGE_FIXTURE)) if case.name == "multi_image_3")
+    case.pixel_values = [case.pixel_values[0].permute(2, 1, 0, 3, 4)]  # frame i = channel i of the 3 images
+    report = verify_cases(fixture_model, [case])
+    assert report.passed, str(report)
+    assert "multi_image_3.generated_ids" in {check.name for check in report.checks}
+
+
+def test_the_first_greedy_token_of_three_images_is_the_unswapped_originals(fixture_model):
+    case = _multi_image_cases()["multi_image_3"]
+    inputs = inputs_for_case(fixture_model, case).model_inputs
+    generated = fixture_model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    last = int(case.outputs["merged_attention_mask"][0].sum()) - 1
+    assert generated[0, -1] == case.outputs["logits"][0, last].argmax()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # What a conversion writes
 
 
@@ -182,6 +271,42 @@ def test_each_layout_converts_and_runs(tmp_path, name):
     if num_shards > 1:
         index = json.loads((tmp_path / "converted" / "model.safetensors.index.json").read_text())
         assert index["weight_map"] == result.weight_map
+
+
+@pytest.fixture(scope="module")
+def without_extend_clip(tmp_path_factory):
+    """An original checkpoint saved with `extend_clip: false` (CLIP's stock text tower), its weights and conversion."""
+    root = tmp_path_factory.mktemp("without_extend_clip")
+    original = write_original_checkpoint(root / "original", vicuna_layout(extend_clip=False))
+    result = convert_checkpoint(str(root / "original"), str(root / "converted"), verify=True)
+    model = PPLLaVAForConditionalGeneration.from_pretrained(root / "converted", dtype=torch.float32).eval()
+    return original, result, model
+
+
+def test_a_checkpoint_without_extend_clip_converts_and_runs_with_clips_stock_77_positions(without_extend_clip):
+    original, result, model = without_extend_clip
+    assert result.verification.passed, str(result.verification)
+    assert not result.config.extended_prompt_positions
+    assert result.config.prompt_encoder_config.max_position_embeddings == 77
+    table = model.model.prompt_alignment.text_model.embeddings.position_embedding.weight
+    assert torch.equal(table, original["multi_modal_projector.clip_text_model.embeddings.position_embedding.weight"])
+
+
+def test_without_extend_clip_the_prompt_encoder_computes_what_a_stock_clip_text_model_computes(without_extend_clip):
+    original, _, model = without_extend_clip
+    prefix = "multi_modal_projector.clip_text_model."
+    stock = CLIPTextModel(model.config.prompt_encoder_config).eval()
+    missing, unexpected = stock.load_state_dict(
+        {key[len(prefix):]: value for key, value in original.items() if key.startswith(prefix)}, strict=False
+    )
+    assert (missing, unexpected) == ([], [])
+    projection = original["multi_modal_projector.clip_text_projection.weight"]
+    ids = torch.tensor([[510, 17, 250, 33, 511] + [511] * 72, [510, 40, 41, 511] + [511] * 73])
+    mask = (torch.arange(77) < torch.tensor([[5], [4]])).long()
+    with torch.no_grad():
+        expected = stock(input_ids=ids, attention_mask=mask).pooler_output @ projection.T
+        ours = model.model.get_prompt_embeds(ids, mask)
+    assert torch.equal(ours, expected)
 
 
 def test_qwen_layout_takes_the_siglip_head_value_rows_and_the_onevision_video_token(tmp_path):
@@ -254,7 +379,7 @@ def test_a_defective_checkpoint_fails_naming_the_key_and_writes_nothing(tmp_path
     "change, message",
     [
         ({"pooling": "pllava"}, "prompt-guided pooling"),
-        ({"extend_clip": False}, "extend_clip"),
+        ({"qwen": True, "extend_clip": False}, "extend_clip: false"),
         ({"valuew_plus": True}, "valuew_plus"),
         ({"qwen": True}, "SigLIP projector"),
         ({"frame_shape": [24, 24]}, "frame_shape"),

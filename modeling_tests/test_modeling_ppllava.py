@@ -11,7 +11,15 @@ import pytest
 import torch
 from model_tester import PPLLaVAModelTester, record_calls, record_pooling_windows
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, StaticCache
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StaticCache,
+)
 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAConfig, PPLLaVAForConditionalGeneration, PPLLaVAModel
@@ -101,6 +109,26 @@ def test_video_features_follow_the_llava_output_contract(tester):
     torch.testing.assert_close(full.pooler_output, plain.pooler_output)
     assert all(isinstance(value, (torch.Tensor, list, tuple)) for value in full.to_tuple())
 
+
+
+def test_forward_outputs_carry_the_encoder_outputs_of_each_modality(tester):
+    """`image_outputs` / `video_outputs`, as transformers' multimodal outputs carry them: the tokens that were scattered
+    in, their relevance, and the vision tower's hidden states and attentions over every frame or tile when asked."""
+    model = tester.fresh_model(attn_implementation="eager")
+    batch = tester.collate([tester.video_sample(frames=4), tester.image_sample()])
+    with torch.no_grad():
+        plain = model(**batch)
+        full = model(**batch, output_hidden_states=True, output_attentions=True)
+    for output in (plain, full):
+        torch.testing.assert_close(torch.cat(output.video_outputs.pooler_output), output.video_hidden_states)
+        torch.testing.assert_close(torch.cat(output.image_outputs.pooler_output), output.image_hidden_states)
+        assert len(output.video_outputs.relevance) == len(output.image_outputs.relevance) == 1
+    assert plain.video_outputs.attentions is None and plain.image_outputs.hidden_states is None
+    vision_layers = tester.config.vision_config.num_hidden_layers
+    assert len(full.video_outputs.attentions) == len(full.image_outputs.attentions) == vision_layers
+    assert len(full.video_outputs.hidden_states) == vision_layers + 1
+    assert full.video_outputs.hidden_states[0].shape[0] == 4  # frames
+    assert len(full.attentions) == tester.config.text_config.num_hidden_layers  # the language model's own
 
 def test_the_projector_and_the_vision_tower_export_with_torch_export(tester):
     """Every submodule of the visual path takes tensors and plain config, so exporters can trace it."""
@@ -399,6 +427,21 @@ def test_a_static_cache_generates_what_the_dynamic_cache_generates(tester):
     torch.testing.assert_close(greedy(tester.model, batch, cache_implementation="static"), greedy(tester.model, batch))
 
 
+def test_generate_returns_the_language_models_attentions_and_hidden_states_of_every_step(tester):
+    model = tester.fresh_model(attn_implementation="eager")
+    batch = tester.collate([tester.video_sample()])
+    output = model.generate(
+        **batch, max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        output_attentions=True, output_hidden_states=True,
+    )
+    num_layers = model.config.text_config.num_hidden_layers
+    assert [len(step) for step in output.attentions] == [num_layers] * 3
+    assert [len(step) for step in output.hidden_states] == [num_layers + 1] * 3
+    prompt_length = batch["input_ids"].shape[1]
+    assert output.attentions[0][0].shape[-2:] == (prompt_length, prompt_length)
+    assert output.hidden_states[-1][-1].shape[1] == 1
+
+
 def test_a_decoding_step_compiles_as_one_graph_and_gives_the_eager_logits():
     """`_can_compile_fullgraph`: after prefill into a static cache, the step `generate` compiles is one graph."""
     tester = PPLLaVAModelTester("qwen")
@@ -434,6 +477,42 @@ def test_visual_encoders_run_once_per_generate_even_with_beams(tester):
     assert sum(frames) == 16
     assert prompts == [2]
     assert poolings == [1, 1]
+
+
+def test_an_assistant_model_drafts_from_the_visual_tokens_and_greedy_tokens_stay_the_same(tester):
+    assistant = tester.fresh_model()
+    visual_calls = []
+    handle = assistant.register_forward_pre_hook(
+        lambda _, args, kwargs: visual_calls.append(kwargs.get("mm_encoder_outputs") is not None), with_kwargs=True
+    )
+    batch = tester.collate([tester.video_sample()])
+    try:
+        assisted = greedy(tester.model, batch, assistant_model=assistant)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(assisted, greedy(tester.model, batch))
+    assert visual_calls[0] and not any(visual_calls[1:])  # the prompt with its video, then text-only drafting steps
+
+
+class ForceTokenFirst(LogitsProcessor):
+    """Makes the first generated token `token_id`."""
+
+    def __init__(self, token_id: int, prompt_length: int):
+        self.token_id, self.prompt_length = token_id, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == self.prompt_length:
+            scores = torch.full_like(scores, -math.inf)
+            scores[:, self.token_id] = 0
+        return scores
+
+
+def test_a_generated_token_equal_to_a_placeholder_id_is_decoded_as_text(tester):
+    batch = tester.collate([tester.video_sample()])
+    video_token = tester.config.video_token_id
+    force = LogitsProcessorList([ForceTokenFirst(video_token, batch["input_ids"].shape[1])])
+    tokens = greedy(tester.model, batch, new_tokens=4, logits_processor=force)
+    assert tokens[0, 0] == video_token and tokens.shape == (1, 4)
 
 
 def test_sampling_and_beam_search_return_the_requested_sequences(tester):
@@ -497,6 +576,16 @@ def test_sdpa_is_the_default_and_eager_gives_the_same_logits(tester):
     batch = tester.collate([tester.video_sample(), tester.image_sample()])
     for eager_logits, sdpa_logits in zip(attended_logits(eager, batch), attended_logits(tester.model, batch)):
         torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_the_modules_kept_out_of_quantization_are_the_visual_parts_the_layout_has(tester):
+    model = tester.model
+    assert model.model._keep_in_fp32_modules == {"vision_tower", "prompt_alignment", "multi_modal_projector"} | (
+        {"btadapter"} if tester.config.use_btadapter else set()
+    )
+    keys = model.state_dict().keys()
+    for name in model._keep_in_fp32_modules:
+        assert any(key.startswith(f"{name}.") or f".{name}." in key for key in keys), name
 
 
 def test_every_weight_is_initialised(tester):

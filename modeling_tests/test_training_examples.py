@@ -59,10 +59,11 @@ def test_the_sft_example_with_lora_saves_the_adapter_and_the_merged_model(tmp_pa
     "name, config_class, recipe",
     [
         ("train_dpo.py", PPLLaVADPOConfig, dict(learning_rate=5e-6, lr_scheduler_type="linear", warmup_steps=0.1, num_train_epochs=2,
-                                         max_length=2048, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0],
-                                         num_frames=32, freezing_preset="dpo")),
+                                         max_length=3072, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0],
+                                         num_frames=32, frame_sampling="random", freezing_preset="dpo")),
         ("train_sft.py", PPLLaVASFTConfig, dict(learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0.03, num_train_epochs=2,
-                                         max_length=1024, num_frames=32, freezing_preset="sft")),
+                                         max_length=4096, num_frames=32, frame_sampling="random", freezing_preset="sft",
+                                         pooling_prompt_source="last_user_turn")),
     ],
 )
 def test_the_defaults_are_the_released_recipe_and_flags_win(name, config_class, recipe, tmp_path):
@@ -86,3 +87,8 @@ def test_the_defaults_are_the_released_recipe_and_flags_win(name, config_class, 
     from_file = parsed("--config", str(config), "--num_frames", "8")
     assert (from_file["learning_rate"], from_file["num_frames"]) == (3e-6, 8)
     assert from_file["lr_scheduler_type"] == real["lr_scheduler_type"]
+
+
+def test_a_quantized_base_without_lora_is_refused_with_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--load_in_4bit / --load_in_8bit .* add --use_peft"):
+        run_example("train_sft.py", monkeypatch, "--output_dir", str(tmp_path), "--load_in_4bit", "True")

@@ -6,19 +6,23 @@ Each test states what PPLLaVA relies on; a failure names the transformers change
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from transformers import (
     AutoConfig,
+    BitsAndBytesConfig,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     SiglipTextConfig,
     SiglipTextModel,
     SiglipVisionConfig,
 )
 
-from ppllava_hf import PPLLaVAConfig, PPLLaVAVideoProcessor
+from ppllava_hf import PPLLaVAConfig, PPLLaVAProcessor, PPLLaVAVideoProcessor
 from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     CLIPMLP,
     AutoVideoProcessor,
@@ -30,6 +34,7 @@ from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     slice_logits_to_keep,
     vision_position_embeddings,
 )
+from ppllava_hf.testing.tiny import tiny_processor
 
 
 TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 50,
@@ -142,3 +147,48 @@ def test_video_processor_mixin_sets_settings_as_attributes_and_calls_preprocess(
 
 def test_auto_video_processor_takes_registrations():
     assert callable(AutoVideoProcessor.register) and callable(AutoVideoProcessor.from_pretrained)
+
+
+def test_processors_expand_image_placeholders_through_the_process_images_hook():
+    """`PPLLaVAProcessor._process_images` overrides `ProcessorMixin`'s hook (as transformers' own processors do) for the
+    multi-image mode: `__call__` must hand it the images and every images option, the processor's own included, then
+    expand the i-th `<image>` with the i-th returned replacement and return the processed outputs."""
+    calls = []
+
+    class RecordingProcessor(PPLLaVAProcessor):
+        def _process_images(self, images, **kwargs):
+            calls.append((images, kwargs))
+            return {"pixel_values_multi_image": [torch.zeros(1, 3, 84, 84)]}, [self.image_token * 3]
+
+    base = tiny_processor("vicuna")
+    processor = RecordingProcessor(base.image_processor, base.video_processor, base.tokenizer, base.prompt_tokenizer)
+    image = Image.new("RGB", (84, 84))
+    outputs = processor(text="<image> What is it?", images=[image], multi_image=True)
+    [(images, kwargs)] = calls
+    assert images == [[image]] and kwargs["multi_image"] == [True]
+    assert int((outputs["input_ids"] == processor.image_token_id).sum()) == 3
+    assert "pixel_values_multi_image" in outputs
+
+
+class KeepingFirstLayer(LlamaForCausalLM):
+    """Declares its first decoder layer the way PPLLaVA declares its visual side, and the second by a short name."""
+
+    _keep_in_fp32_modules = ["model.layers.0", "layers.1"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantizers_skip_keep_in_fp32_modules_by_path_prefix_and_upcast_them_for_float16_only(tmp_path, dtype):
+    """PPLLaVA keeps its visual side out of bitsandbytes with `_keep_in_fp32_modules` (read by every transformers
+    quantizer through `HfQuantizer.get_modules_to_not_convert`), as module paths from the model's root. The
+    non-strict list changes no dtype at bfloat16 (or float32); only a float16 load keeps those modules in float32.
+    If this fails, transformers changed how quantizers pick the modules they leave alone: see the class attributes
+    of `PPLLaVAModel` / `PPLLaVAForConditionalGeneration`."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the `quant` extra (bitsandbytes) is not installed")
+    config = LlamaConfig(**{**TEXT, "num_hidden_layers": 3, "num_key_value_heads": 2, "head_dim": 8})
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = KeepingFirstLayer.from_pretrained(tmp_path, dtype=dtype, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    quantized = {name.split(".")[2] for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert quantized == {"1", "2"}  # "layers.1" matches neither a path from the root nor a module's name suffix
+    kept = {param.dtype for param in model.model.layers[0].parameters()}
+    assert kept == {torch.float32 if dtype == torch.float16 else dtype}
+    assert model.model.layers[2].input_layernorm.weight.dtype == dtype

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import random
 from fractions import Fraction
 
 import numpy as np
@@ -71,6 +72,59 @@ def test_no_count_and_no_fps_keeps_every_frame_of_the_clip():
     assert sample_frame_indices(50, num_frames=None, video_fps=10.0, start_time=1.0, end_time=2.0) == list(range(10, 21))
 
 
+def original_training_ranges(total, num_frames):
+    """Where the original's training sampler (`get_frame_indices(..., sample="rand")` in its datasets' utils.py) may put
+    each frame, transcribed by hand: segments split at `int(linspace(0, total, n + 1))`, frame `i` drawn from
+    `range(start_i, end_i - 1)`; None when a segment is too short for that, which makes it draw distinct frames instead."""
+    count = min(num_frames, total)
+    bounds = np.linspace(0, total, count + 1).astype(int)
+    ranges = [range(start, stop - 1) for start, stop in zip(bounds[:-1], bounds[1:])]
+    return ranges if all(ranges) else None
+
+
+@pytest.mark.parametrize("total, num_frames", [(100, 32), (300, 32), (65, 32), (90, 8), (64, 32)])
+def test_random_sampling_draws_each_frame_from_its_segment_as_the_original_trains(total, num_frames):
+    ranges = original_training_ranges(total, num_frames)
+    random.seed(0)
+    draws = [sample_frame_indices(total, num_frames, frame_sampling="random") for _ in range(300)]
+    for slot, allowed in enumerate(ranges):
+        assert {draw[slot] for draw in draws} == set(allowed)  # every allowed frame and only those, over the draws
+
+
+def test_random_sampling_of_short_segments_draws_distinct_sorted_frames():
+    assert original_training_ranges(40, 32) is None  # some 1-frame segments: the original's fallback
+    random.seed(1)
+    draws = [sample_frame_indices(40, 32, frame_sampling="random") for _ in range(50)]
+    assert all(len(set(draw)) == 32 and draw == sorted(draw) for draw in draws)
+    assert len({tuple(draw) for draw in draws}) > 1
+
+
+def test_random_sampling_of_a_clip_shorter_than_num_frames_repeats_its_last_frame():
+    assert sample_frame_indices(5, 8, frame_sampling="random") == [0, 1, 2, 3, 4, 4, 4, 4]
+
+
+def test_random_sampling_stays_inside_the_clip_bounds_and_follows_the_seed():
+    random.seed(2)
+    first = sample_frame_indices(250, 8, video_fps=25.0, start_time=2.0, end_time=6.0, frame_sampling="random")
+    random.seed(2)
+    again = sample_frame_indices(250, 8, video_fps=25.0, start_time=2.0, end_time=6.0, frame_sampling="random")
+    assert first == again and all(50 <= index <= 150 for index in first)
+    ranges = original_training_ranges(101, 8)
+    assert all(index - 50 in allowed for index, allowed in zip(first, ranges))
+
+
+def test_a_file_and_a_frame_folder_are_decoded_at_the_random_frames(tmp_path):
+    video = write_video(tmp_path / "clip.mp4", "libx264", 120, rate=25)
+    folder = write_frame_folder(tmp_path / "frames", 120)
+    for source in (video, folder):
+        random.seed(3)
+        frames, metadata = decode_video(source, num_frames=8, frame_sampling="random")
+        random.seed(3)
+        assert metadata.frames_indices == sample_frame_indices(120, 8, frame_sampling="random")
+        assert [read_index(frame) for frame in frames] == metadata.frames_indices
+        assert metadata.frames_indices != sample_frame_indices(120, 8)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -81,6 +135,7 @@ def test_no_count_and_no_fps_keeps_every_frame_of_the_clip():
         ({"num_frames": 8, "video_fps": 25.0, "start_time": 3.0, "end_time": 2.0}, "must come before"),
         ({"num_frames": 8, "video_fps": 25.0, "start_time": 4.0}, "beyond the end"),
         ({"num_frames": 8, "video_fps": 25.0, "start_time": -1.0}, ">= 0"),
+        ({"num_frames": 8, "frame_sampling": "rand"}, "frame_sampling must be one of"),
     ],
 )
 def test_bad_sampling_arguments_are_value_errors(kwargs, message):

@@ -1,5 +1,7 @@
 """The torch-only video processor: accepted inputs, frame conversion, resizing as the original, sampling, outputs."""
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,15 @@ def test_a_file_is_sampled_to_num_frames(tmp_path, processor):
     assert out["pixel_values_videos"].shape == (1, 4, 3, 28, 28)
     assert out["video_metadata"][0].frames_indices == sample_frame_indices(40, 4)
     assert out["pixel_values_videos"].dtype == torch.float32
+
+
+def test_random_frame_sampling_is_a_call_option_for_training_and_middle_stays_the_default(tmp_path, processor):
+    path = str(write_video(tmp_path / "clip.mp4", "libx264", 40))
+    random.seed(0)
+    out = processor(path, frame_sampling="random", return_metadata=True)
+    random.seed(0)
+    assert out["video_metadata"][0].frames_indices == sample_frame_indices(40, 4, frame_sampling="random")
+    assert processor(path, return_metadata=True)["video_metadata"][0].frames_indices == sample_frame_indices(40, 4)
 
 
 @pytest.mark.parametrize(

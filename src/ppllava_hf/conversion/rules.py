@@ -166,19 +166,27 @@ def _check_supported(original: dict) -> None:
             "(a llava_next / llava_onevision config with PPLLaVA's fields, as the original code saves it)."
         )
     if original.get("pooling") != "ppllava":
+        # The original's other modes ("avp", "none", "pllava", "pllava_npu") are its baselines: every published recipe
+        # (config/*/*.yaml) uses prompt-guided pooling.
         raise ConversionError(
-            f"Only prompt-guided pooling checkpoints convert (`pooling: ppllava`), this one has pooling={original.get('pooling')!r}."
+            f"Only prompt-guided pooling checkpoints convert (`pooling: ppllava`, what every published PPLLaVA recipe "
+            f"uses); this one has pooling={original.get('pooling')!r}."
         )
     layout = original.get("model_type")
     if layout not in ORIGINAL_LAYOUTS:
         raise ConversionError(f"Unknown original layout model_type={layout!r}; expected one of {ORIGINAL_LAYOUTS}.")
-    if not original.get("extend_clip", False):
-        # Without it the original keeps CLIP's stock 77/64-position text embeddings, a layout the extended tables
-        # (`position_embedding` + `position_embedding_res`) of every published checkpoint replace.
-        raise ConversionError("Only checkpoints with the extended prompt encoder (`extend_clip: true`) convert.")
+    if original.get("qwen", False) and not original.get("extend_clip", False):
+        # The original's SigLIP projector builds a CLIPModel in that case and then reads a SigLIP pooling head it lacks.
+        raise ConversionError(
+            "`extend_clip: false` with the SigLIP projector (`qwen: true`) cannot have been trained: the original code "
+            "fails to build that model."
+        )
     if original.get("valuew_plus", False):
         # `valuew_plus` multiplies the relevance by SigLIP's probe attention, which PPLLaVA-HF does not compute.
-        raise ConversionError("`valuew_plus: true` (probe-attention weighting of the relevance) is not supported.")
+        raise ConversionError(
+            "`valuew_plus: true` (probe-attention weighting of the relevance) is not supported: no published PPLLaVA "
+            "recipe sets it."
+        )
 
 
 def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
@@ -204,7 +212,11 @@ def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
             f"The checkpoint was built with the {'SigLIP' if original.get('qwen') else 'CLIP'} projector but the prompt "
             f"encoder config is a {prompt['model_type']}: give the CLIP/SigLIP model its `clip_weight` names."
         )
-    prompt["max_position_embeddings"] = _stretched_positions(prompt["max_position_embeddings"])
+    # `extend_clip` (false when absent, as in the original) stretches the prompt positions into two tables; without it
+    # the prompt encoder keeps CLIP's stock embeddings.
+    extended = bool(original.get("extend_clip", False))
+    if extended:
+        prompt["max_position_embeddings"] = _stretched_positions(prompt["max_position_embeddings"])
     vision = {k: v for k, v in original["vision_config"].items() if k not in ("depth", "max_T")}
     if not siglip:
         # CLIPModel sizes both projections with the top-level `projection_dim`, not the sub-configs' own field.
@@ -224,6 +236,7 @@ def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
         text_config=original["text_config"],
         prompt_encoder_config=prompt,
         prompt_keep_positions=ORIGINAL_PROMPT_KEEP_POSITIONS,
+        extended_prompt_positions=extended,
         # The original's SigLIP path runs its text tower with gradient, its CLIP path without.
         freeze_prompt_encoder=not siglip,
         video_pooling_kernel=video_kernel,

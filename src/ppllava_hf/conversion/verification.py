@@ -100,42 +100,63 @@ def load_reference_cases(folder: str) -> list[ReferenceCase]:
     return cases
 
 
+# How the original's media types reach our model: the input holding the pixels, and the `encode_multimodal` entry
+# holding the tokens (anyres images and multi-image groups share the image placeholders, in placeholder order).
+_MEDIA_INPUTS = {"video": "pixel_values_videos", "image": "pixel_values", "multi-image": "pixel_values_multi_image"}
+_MEDIA_OUTPUTS = {"video": "video", "image": "image", "multi-image": "image"}
+
+
 @dataclass
 class CaseInputs:
-    """Our model inputs for a reference case, and which visual item (modality, index) each sample's placeholder is."""
+    """Our model inputs for a reference case, and for each sample its visual item: `(media type, index in the model
+    input, index in the encoded output)`."""
 
     model_inputs: dict
-    visual_items: list[tuple[str, int]]
+    visual_items: list[tuple[str, int, int]]
 
     def pixels(self, sample: int) -> torch.Tensor:
-        """The frames `(frames, 3, H, W)` or anyres tiles `(tiles, 3, H, W)` of one sample."""
-        modality, item = self.visual_items[sample]
-        return self.model_inputs["pixel_values_videos" if modality == "video" else "pixel_values"][item]
+        """The frames `(frames, 3, H, W)`, anyres tiles `(tiles, 3, H, W)` or multi-image images `(images, 3, H, W)` of
+        one sample."""
+        media_type, index, _ = self.visual_items[sample]
+        return self.model_inputs[_MEDIA_INPUTS[media_type]][index]
+
+    def tokens(self, encoded: dict, sample: int) -> torch.Tensor:
+        """The visual tokens of one sample in `encode_multimodal`'s output."""
+        media_type, _, index = self.visual_items[sample]
+        return encoded[_MEDIA_OUTPUTS[media_type]].pooler_output[index]
 
 
 def inputs_for_case(model: PPLLaVAForConditionalGeneration, case: ReferenceCase) -> CaseInputs:
-    """Our inputs for an original forward call: the one placeholder of each sample becomes as many image/video tokens as
-    the model produces, `pixel_values` is split into videos `(frames, 3, H, W)` and anyres images `(tiles, 3, H, W)`,
-    and the guidance ids become `clip_input_ids`. Samples are re-padded on the right."""
+    """Our inputs for an original forward call: each placeholder of a sample becomes as many image/video tokens as the
+    model produces, `pixel_values` is split into videos `(frames, 3, H, W)`, anyres images `(tiles, 3, H, W)` and
+    multi-image groups `(images, 3, H, W)`, and the guidance ids become `clip_input_ids`. Samples are re-padded on the
+    right."""
     config, backbone = model.config, model.model
-    placeholder = config.image_token_id  # the original's single placeholder, `image_token_index`
+    placeholder = config.image_token_id  # the original's only placeholder, `image_token_index`
     rows, items, image_sizes = [], [], []
-    media = {"video": [], "image": []}
-    for sample, modality in enumerate(case.media_types):
+    media = {media_type: [] for media_type in _MEDIA_INPUTS}
+    outputs = {"video": 0, "image": 0}
+    for sample, media_type in enumerate(case.media_types):
         pixels = case.pixel_values[sample]
-        if modality == "video":
+        num_placeholders = 1
+        if media_type == "video":
             pixels = pixels[:, 0]  # (frames, 1, 3, H, W): one tile per frame
             token, count = config.video_token_id, backbone.video_pooling_plan(pixels.shape[0]).num_tokens
-        elif modality == "image":
+        elif media_type == "image":
             pixels = pixels[0]  # (1, tiles, 3, H, W)
             image_sizes.append(tuple(int(v) for v in case.inputs["image_sizes"][sample]))
             token, count = config.image_token_id, backbone.num_image_tokens(image_sizes[-1])
+        elif media_type == "multi-image":
+            pixels = pixels[:, 0]  # (images, 1, 3, H, W): image k is frame k of one clip, one placeholder each
+            token, count, num_placeholders = config.image_token_id, backbone.num_multi_image_tokens(), pixels.shape[0]
         else:
-            raise ValueError(f"Reference case {case.name!r}: media type {modality!r} is not supported.")
-        items.append((modality, len(media[modality])))
-        media[modality].append(pixels)
+            raise ValueError(f"Reference case {case.name!r}: media type {media_type!r} is not supported.")
+        output = _MEDIA_OUTPUTS[media_type]
+        items.append((media_type, len(media[media_type]), outputs[output]))
+        outputs[output] += 1
+        media[media_type].append(pixels)
         attended = case.inputs["input_ids"][sample][case.inputs["attention_mask"][sample].bool()]
-        rows.append(_expand_placeholder(attended, placeholder, token, count))
+        rows.append(_expand_placeholders(attended, placeholder, token, count, num_placeholders))
     input_ids, attention_mask = _pad(rows, config.text_config.pad_token_id or 0, side="right")
     model_inputs = {
         "input_ids": input_ids,
@@ -143,19 +164,26 @@ def inputs_for_case(model: PPLLaVAForConditionalGeneration, case: ReferenceCase)
         "clip_input_ids": case.inputs["clip_ids"],
         "clip_attention_mask": case.inputs["clip_mask"],
     }
-    if media["video"]:
-        model_inputs["pixel_values_videos"] = media["video"]
-    if media["image"]:
-        model_inputs.update(pixel_values=media["image"], image_sizes=torch.tensor(image_sizes))
+    for media_type, pixels in media.items():
+        if pixels:
+            model_inputs[_MEDIA_INPUTS[media_type]] = pixels
+    if image_sizes:
+        model_inputs["image_sizes"] = torch.tensor(image_sizes)
+    if media["multi-image"]:
+        model_inputs["multi_image"] = torch.tensor([media_type == "multi-image" for media_type in case.media_types])
     return CaseInputs(model_inputs, items)
 
 
-def _expand_placeholder(ids: torch.Tensor, placeholder: int, token: int, count: int) -> torch.Tensor:
-    positions = (ids == placeholder).nonzero().flatten()
-    if len(positions) != 1:
-        raise ValueError(f"Expected exactly one placeholder {placeholder} per sample, found {len(positions)}.")
-    position = int(positions[0])
-    return torch.cat([ids[:position], torch.full((count,), token, dtype=ids.dtype), ids[position + 1 :]])
+def _expand_placeholders(ids: torch.Tensor, placeholder: int, token: int, count: int, expected: int) -> torch.Tensor:
+    """Each of the `expected` placeholders of `ids` replaced by `count` copies of `token`."""
+    positions = (ids == placeholder).nonzero().flatten().tolist()
+    if len(positions) != expected:
+        raise ValueError(f"Expected {expected} placeholder(s) {placeholder} in the sample, found {len(positions)}.")
+    pieces, start = [], 0
+    for position in positions:
+        pieces += [ids[start:position], torch.full((count,), token, dtype=ids.dtype)]
+        start = position + 1
+    return torch.cat([*pieces, ids[start:]])
 
 
 def _pad(rows: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,14 +198,19 @@ def _pad(rows: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor
     return input_ids, attention_mask
 
 
-@torch.no_grad()
 def verify_against_reference(model: PPLLaVAForConditionalGeneration, reference_folder: str) -> VerificationReport:
-    """Run every case of `reference_folder` and compare each recorded tensor: logits and merged LM inputs on attended
-    positions, pooled visual tokens, selected vision features, prompt embeddings, patch-prompt cosine similarities, and
-    greedy tokens."""
+    """Run every case of `reference_folder` and compare each recorded tensor (see `verify_cases`)."""
+    return verify_cases(model, load_reference_cases(reference_folder))
+
+
+@torch.no_grad()
+def verify_cases(model: PPLLaVAForConditionalGeneration, cases: list[ReferenceCase]) -> VerificationReport:
+    """Run each case and compare each of its recorded outputs: logits and merged LM inputs on attended positions,
+    pooled visual tokens, selected vision features, prompt embeddings, patch-prompt cosine similarities, and greedy
+    tokens."""
     report = VerificationReport()
     backbone = model.model
-    for case in load_reference_cases(reference_folder):
+    for case in cases:
         prepared = inputs_for_case(model, case)
         inputs = prepared.model_inputs
         visual = backbone.encode_multimodal(**{key: value for key, value in inputs.items() if key != "attention_mask"})
@@ -198,9 +231,9 @@ def verify_against_reference(model: PPLLaVAForConditionalGeneration, reference_f
             case.outputs["merged_inputs_embeds"][theirs_attended],
             FEATURE_TOLERANCE,
         )
-        for sample, (modality, item) in enumerate(prepared.visual_items):
-            pooled = visual[modality].pooler_output[item]
-            ours = _sample_outputs(backbone, inputs, sample, modality, prepared.pixels(sample), pooled)
+        for sample, (media_type, _, _) in enumerate(prepared.visual_items):
+            pooled = prepared.tokens(visual, sample)
+            ours = _sample_outputs(backbone, inputs, sample, media_type, prepared.pixels(sample), pooled)
             for name, tensor in ours.items():
                 if f"{name}.{sample}" in case.outputs:
                     report.compare(f"{case.name}.{name}.{sample}", tensor, case.outputs[f"{name}.{sample}"], FEATURE_TOLERANCE)
@@ -211,16 +244,17 @@ def verify_against_reference(model: PPLLaVAForConditionalGeneration, reference_f
     return report
 
 
-def _sample_outputs(backbone, inputs: dict, sample: int, modality: str, pixels: torch.Tensor, pooled: torch.Tensor) -> dict:
-    """Our counterparts of the original's per-sample intermediate tensors, under the names it recorded them."""
+def _sample_outputs(backbone, inputs: dict, sample: int, media_type: str, pixels: torch.Tensor, pooled: torch.Tensor) -> dict:
+    """Our counterparts of the original's per-sample intermediate tensors, under the names it recorded them (multi-image
+    visual features as `(images, tokens per image, dim)`, the others as `(1, tokens, dim)`)."""
     prompt = backbone.get_prompt_embeds(
         inputs["clip_input_ids"][sample : sample + 1], inputs["clip_attention_mask"][sample : sample + 1]
     )
-    clip_lengths = [pixels.shape[0]] if modality == "video" else [1] * pixels.shape[0]
+    clip_lengths = [1] * pixels.shape[0] if media_type == "image" else [pixels.shape[0]]
     features = backbone.encode_frames(pixels, clip_lengths).last_hidden_state
     patches = features.unflatten(1, backbone.config.patch_grid)[None]
     return {
-        "visual_features": pooled[None],
+        "visual_features": pooled.unflatten(0, (pixels.shape[0], -1)) if media_type == "multi-image" else pooled[None],
         "clip_text_embeds": prompt,
         "vision_selected_features": features,
         "retrieve_logits": backbone.prompt_alignment.cosine_similarity(patches, prompt),

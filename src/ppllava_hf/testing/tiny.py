@@ -176,6 +176,15 @@ def tiny_tokenizer(
     )
 
 
+def character_tokenizer(layout: Layout = "vicuna") -> PreTrainedTokenizerBase:
+    """`tiny_tokenizer` without merges, `<image>` and `<video>` right after its characters: one token per character of
+    printable ASCII (`vicuna`) or per byte (`qwen`). Each token of Vicuna's or Qwen2's real vocabulary covers at least
+    one character (byte), so for ASCII text this tokenizer never counts fewer tokens than they do: length checks made
+    with it hold for the real tokenizers too."""
+    alphabet = len(_train_llm_bpe(layout, None)[0])
+    return tiny_tokenizer(layout, alphabet, alphabet + 1)
+
+
 def tiny_prompt_tokenizer(
     layout: Layout = "vicuna", vocab_size: int = 128, corpus: str = TINY_CORPUS
 ) -> PreTrainedTokenizerBase:
@@ -223,14 +232,19 @@ def _text_pipeline(layout: Layout, role: str):
 
 
 @functools.cache
-def _train_llm_bpe(layout: Layout, vocab_size: int, corpus: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _train_llm_bpe(
+    layout: Layout, vocab_size: int | None, corpus: str = TINY_CORPUS
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny LLM vocabulary of `layout` trained on `corpus`, `vocab_size` ids in all (`None`: its special tokens and
+    characters only)."""
     if layout not in _LLM_SPECIALS:
         raise ValueError(f"layout must be 'vicuna' or 'qwen', got {layout!r}.")
     tokenizer = Tokenizer(BPE(unk_token=_LLM_SPECIALS[layout][0] if layout == "vicuna" else None))
     tokenizer.normalizer, tokenizer.pre_tokenizer = _text_pipeline(layout, "llm")
     alphabet = pre_tokenizers.ByteLevel.alphabet() if layout == "qwen" else []
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(_LLM_SPECIALS[layout]), initial_alphabet=alphabet, show_progress=False
+        vocab_size=vocab_size or 0, special_tokens=list(_LLM_SPECIALS[layout]), initial_alphabet=alphabet,
+        show_progress=False,
     )
     return _train(tokenizer, trainer, vocab_size, [corpus, _LLM_CORPUS_EXTRA])
 
@@ -249,13 +263,15 @@ def _train_prompt_bpe(layout: Layout, vocab_size: int, corpus: str) -> tuple[dic
     return _train(tokenizer, trainer, vocab_size, [corpus])
 
 
-def _train(tokenizer, trainer, vocab_size: int, texts: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train on `texts`; the vocabulary must fill exactly `vocab_size` ids so that the special ids land where the tiny
-    config expects them."""
+def _train(
+    tokenizer, trainer, vocab_size: int | None, texts: list[str]
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train on `texts`; the vocabulary must fill exactly `vocab_size` ids (when given) so that the special ids land
+    where the tiny config expects them."""
     tokenizer.train_from_iterator(texts, trainer=trainer)
     model = json.loads(tokenizer.to_str())["model"]
     vocab, merges = model["vocab"], [tuple(merge) for merge in model["merges"]]
-    if len(vocab) != vocab_size:
+    if vocab_size is not None and len(vocab) != vocab_size:
         raise ValueError(
             f"The corpus yields {len(vocab)} tokens, not the {vocab_size} requested; pick a smaller "
             "vocabulary (or larger placeholder ids)."

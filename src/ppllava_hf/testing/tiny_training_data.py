@@ -88,15 +88,21 @@ def write_tiny_jsonl(folder: str | Path, kind: Literal["preference", "sft"], num
         raise ValueError(f"kind must be 'preference' or 'sft', got {kind!r}.")
     videos = write_color_videos(folder)
     rows = tiny_preference_rows(videos, num_rows) if kind == "preference" else tiny_sft_rows(videos, num_rows)
-    path = Path(folder) / f"{kind}.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
+    path = tiny_jsonl_path(folder, kind)
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tiny_jsonl_path(folder: str | Path, kind: Literal["preference", "sft"]) -> str:
+    """Where `write_tiny_jsonl(folder, kind)` writes the rows."""
+    return str(Path(folder) / f"{kind}.jsonl")
 
 
 __all__ = [
     "COLORS",
     "QUESTION",
     "color_frames",
+    "tiny_jsonl_path",
     "tiny_preference_rows",
     "tiny_sft_rows",
     "write_color_videos",

@@ -1,6 +1,6 @@
 """Training PPLLaVA with trl: video DPO and SFT trainers with their configs, row checks, freezing presets and LoRA."""
 
-from .common import PPLLaVAConfigMixin, language_model_lora_config, save_trained_model
+from .common import PPLLaVAConfigMixin, language_model_lora_config, merge_adapter, save_trained_model
 from .dpo import PPLLaVADPOConfig, PPLLaVADPOTrainer
 from .freezing import apply_freezing_preset, trainable_parameter_table
 from .sft import PPLLaVASFTConfig, PPLLaVASFTTrainer
@@ -14,6 +14,7 @@ __all__ = [
     "PPLLaVASFTTrainer",
     "apply_freezing_preset",
     "language_model_lora_config",
+    "merge_adapter",
     "save_trained_model",
     "trainable_parameter_table",
 ]

@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from accelerate.utils import is_peft_model
-from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin, Trainer
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin, Trainer
 from trl import ModelConfig, get_peft_config
 
+from ..models.ppllava.video_decoding_ppllava import FRAME_SAMPLINGS, FrameSampling
 from .freezing import FREEZING_PRESETS, apply_freezing_preset, check_freezing_preset
 from .rows import BadRowPolicy, RowChecker, SkippedRow, VideoCheck, check_options
 
 
 if TYPE_CHECKING:
+    import torch
     from peft import LoraConfig
 
 
@@ -51,6 +53,15 @@ class PPLLaVAConfigMixin:
             "help": "Check videos before training by reading their headers (open) or by decoding them (decode)."
         },
     )
+    frame_sampling: FrameSampling = field(
+        default="middle",
+        metadata={
+            "help": "Which frame of each of the num_frames segments the collators decode: its middle (PPLLaVA's "
+            "inference rule) or a random one, drawn afresh each epoch (the original's training sampler, which the "
+            "released recipes used). The saved processor keeps sampling the middle.",
+            "choices": list(FRAME_SAMPLINGS),
+        },
+    )
     freezing_preset: str | None = field(
         default=None,
         metadata={
@@ -67,6 +78,8 @@ class PPLLaVAConfigMixin:
 
     def __post_init__(self):
         check_options(self.on_bad_row, self.video_check)
+        if self.frame_sampling not in FRAME_SAMPLINGS:
+            raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLINGS}, got {self.frame_sampling!r}.")
         if self.freezing_preset is not None:
             check_freezing_preset(self.freezing_preset)
         if self.remove_unused_columns:
@@ -100,7 +113,8 @@ class PPLLaVATrainerMixin:
         if not isinstance(args, config_class):
             raise TypeError(
                 f"{type(self).__name__} takes a {config_class.__name__} as args (trl's config with PPLLaVA's options: "
-                f"media_folder, num_frames, on_bad_row, video_check, freezing_preset), got {type(args).__name__}."
+                f"media_folder, num_frames, frame_sampling, on_bad_row, video_check, freezing_preset), got "
+                f"{type(args).__name__}."
             )
         if processing_class is None:
             processing_class = default_processor(model)
@@ -191,11 +205,13 @@ def save_trained_model(trainer: Trainer) -> PreTrainedModel:
       `import ppllava_hf`), written by `trainer.save_model()` (which gathers DeepSpeed / FSDP shards);
     - with LoRA, the adapter alone (and the processor) in `<output_dir>/adapter` (reload it onto the base model with
       `PeftModel.from_pretrained(base, path)`), and the model with the adapters merged into its weights at
-      `output_dir`. Merging needs the whole weights in one process: under DeepSpeed ZeRO-3 merge the saved adapter
-      offline instead.
+      `output_dir`. On a 4-bit / 8-bit base (QLoRA) the merged model is `merge_adapter(<output_dir>/adapter)`: the
+      base reloaded unquantized in the dtype it was loaded in, the adapter merged into it. Merging needs the whole
+      weights in one process: under DeepSpeed ZeRO-3 run `merge_adapter` offline instead.
 
-    Returns the saved model (the merged one under LoRA: merging folds the adapters into the trainer's model, so train
-    no further with this trainer).
+    Only the main process writes. Returns the saved model (the merged one under LoRA: merging folds the adapters into
+    the trainer's model, so train no further with this trainer; on a quantized base the trainer's model is left as it
+    is, and processes other than the main one return it).
     """
     output_dir = trainer.args.output_dir
     os.makedirs(output_dir, exist_ok=True)
@@ -204,12 +220,44 @@ def save_trained_model(trainer: Trainer) -> PreTrainedModel:
     if not is_peft_model(model):
         trainer.save_model(output_dir)
         return model
-    trainer.save_model(os.path.join(output_dir, ADAPTER_FOLDER))
-    merged = model.merge_and_unload()
+    adapter_folder = os.path.join(output_dir, ADAPTER_FOLDER)
+    trainer.save_model(adapter_folder)
+    if not is_quantized(model):
+        merged = model.merge_and_unload()
+    elif trainer.args.should_save:
+        merged = merge_adapter(adapter_folder, dtype=model.get_base_model().config.dtype)
+    else:
+        return model
     if trainer.args.should_save:
         merged.save_pretrained(output_dir)
         trainer.processing_class.save_pretrained(output_dir)
     return merged
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether `model` (or the base model under a peft wrapper) was loaded with bitsandbytes 4-bit or 8-bit weights."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def merge_adapter(adapter_folder: str, dtype: "str | torch.dtype" = "auto") -> PreTrainedModel:
+    """The base model an adapter folder names (`base_model_name_or_path`), loaded unquantized in `dtype`, with the
+    adapter merged into its weights.
+
+    This is how a QLoRA adapter becomes a full model: merged into 4-bit weights, the sum would be rounded back to 4
+    bits; merged into the base's own weights, it is exactly what the adapted quantized model approximates. It is also
+    the offline merge for adapters trained under DeepSpeed ZeRO-3. Loads on the CPU: it needs the base's size in RAM.
+    """
+    from peft import PeftConfig, PeftModel
+
+    base_path = PeftConfig.from_pretrained(adapter_folder).base_model_name_or_path
+    if not base_path:
+        raise ValueError(
+            f"The adapter in {adapter_folder} names no base model (base_model_name_or_path): load the base with "
+            "AutoModelForImageTextToText.from_pretrained, then PeftModel.from_pretrained(base, adapter_folder)."
+        )
+    base = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_folder).merge_and_unload()
 
 
 __all__ = [
@@ -218,8 +266,10 @@ __all__ = [
     "PPLLaVAConfigMixin",
     "PPLLaVATrainerMixin",
     "default_processor",
+    "is_quantized",
     "language_model_lora_config",
     "language_model_lora_targets",
     "language_model_peft_config",
+    "merge_adapter",
     "save_trained_model",
 ]

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer, apply_chat_template
 
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor, last_user_text
+from ..models.ppllava.video_decoding_ppllava import FrameSampling
 from .common import PPLLaVAConfigMixin, PPLLaVATrainerMixin
 from .rows import (
     BadRowError,
@@ -131,8 +132,8 @@ def check_preference_row(
 
 @dataclass
 class PPLLaVADPOConfig(PPLLaVAConfigMixin, DPOConfig):
-    """trl's `DPOConfig` with PPLLaVA's options (`media_folder`, `num_frames`, `on_bad_row`, `video_check`,
-    `freezing_preset`; see `PPLLaVAConfigMixin`): the arguments of `PPLLaVADPOTrainer`."""
+    """trl's `DPOConfig` with PPLLaVA's options (`media_folder`, `num_frames`, `frame_sampling`, `on_bad_row`,
+    `video_check`, `freezing_preset`; see `PPLLaVAConfigMixin`): the arguments of `PPLLaVADPOTrainer`."""
 
 
 @dataclass
@@ -148,16 +149,20 @@ class PPLLaVAPreferenceCollator:
     identical pixels and prompt ids, so the model encodes the video once for the pair. Sequences are right-padded and
     tokenized whole (prompt + answer), the completion starting where the tokenized prompt alone stops matching.
     Rows are never truncated; a row longer than `max_length` raises `BadRowError` (the trainer drops such rows first).
+    `frame_sampling="random"` draws each video's frames afresh at every batch, as the original's DPO data does.
     """
 
     processor: PPLLaVAProcessor
     media_folder: str | None = None
     max_length: int | None = None
+    frame_sampling: FrameSampling = "middle"
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [render_preference(example, self.processor) for example in examples]
         frames = [
-            load_row_video(self.processor, resolve_video(example["video"], self.media_folder), example)
+            load_row_video(
+                self.processor, resolve_video(example["video"], self.media_folder), example, self.frame_sampling
+            )
             for example in examples
         ]
         sequences = [text.prompt + text.chosen for text in texts] + [text.prompt + text.rejected for text in texts]
@@ -204,7 +209,8 @@ class PPLLaVADPOTrainer(PPLLaVATrainerMixin, DPOTrainer):
     term), the fused LM head that calls `model.base_model(**batch)`, PEFT, DeepSpeed/FSDP, logging. The additions,
     set in `args` (a `PPLLaVADPOConfig`):
 
-    - `media_folder`: where relative video paths start; `num_frames`: frames sampled per video.
+    - `media_folder`: where relative video paths start; `num_frames`: frames sampled per video, `frame_sampling`: the
+      frame of each segment the collator decodes (`"random"`: the original's training sampler).
     - `on_bad_row` (`"skip"` or `"raise"`) and `video_check` (`"open"` or `"decode"`): what happens to rows with a
       missing or unreadable video, identical answers, or more than `args.max_length` tokens (see
       `ppllava_hf.training.rows`); skipped rows are listed in `trainer.skipped_rows`.
@@ -246,7 +252,9 @@ class PPLLaVADPOTrainer(PPLLaVATrainerMixin, DPOTrainer):
             ref_model = frozen_copy(model)
         # Built here rather than by trl, which only knows image columns.
         if data_collator is None:
-            data_collator = PPLLaVAPreferenceCollator(processing_class, args.media_folder, args.max_length)
+            data_collator = PPLLaVAPreferenceCollator(
+                processing_class, args.media_folder, args.max_length, args.frame_sampling
+            )
         super().__init__(
             model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs
         )
@@ -269,7 +277,9 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     if any(hasattr(param, "ds_id") for param in model.parameters()):
         raise ValueError(
             "The model's parameters are partitioned by DeepSpeed ZeRO-3 and cannot be copied into a reference model: "
-            "pass ref_model=AutoModelForImageTextToText.from_pretrained(...) or set precompute_ref_log_probs=True."
+            "pass ref_model=AutoModelForImageTextToText.from_pretrained(...), set precompute_ref_log_probs=True "
+            "(--precompute_ref_log_probs True in examples/train_dpo.py), or train LoRA adapters (--use_peft), whose "
+            "reference is the model with its adapters disabled."
         )
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)

@@ -92,11 +92,12 @@ def _trainable_groups(preset: str, model: nn.Module) -> frozenset[str]:
 
 def apply_freezing_preset(model: nn.Module, preset: str) -> "TrainableParameterTable":
     """Set `requires_grad` on every parameter of a PPLLaVA model as the preset says (see `FREEZING_PRESETS`); returns
-    the resulting trainable-parameter table. Parameters outside the known parts are frozen."""
+    the resulting trainable-parameter table. Parameters outside the known parts are frozen, and so are quantized
+    weights (4-bit / 8-bit integers cannot learn; LoRA adapters learn for them)."""
     trainable = _trainable_groups(preset, model)
     for name, params in parameter_groups(model).items():
         for param in params:
-            param.requires_grad_(name in trainable)
+            param.requires_grad_(name in trainable and param.is_floating_point())
     return trainable_parameter_table(model)
 
 

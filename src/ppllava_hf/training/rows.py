@@ -31,7 +31,12 @@ from PIL import Image
 from transformers.utils import logging
 
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
-from ..models.ppllava.video_decoding_ppllava import PyAVVideoReader, VideoDecodingError, sample_frame_indices
+from ..models.ppllava.video_decoding_ppllava import (
+    FrameSampling,
+    PyAVVideoReader,
+    VideoDecodingError,
+    sample_frame_indices,
+)
 
 
 if TYPE_CHECKING:
@@ -166,24 +171,30 @@ def _join(folder: str | None, path: str | os.PathLike) -> str:
     return path if folder is None or os.path.isabs(path) or "://" in path else os.path.join(folder, path)
 
 
-def load_video_frames(processor: PPLLaVAProcessor, videos: Sequence[Any]) -> list[torch.Tensor]:
-    """uint8 frames `(T, 3, H, W)` of each video, decoded and sampled as `processor` does; decode once, then hand the
-    frames to the processor as often as needed (a preference pair uses them twice)."""
+def load_video_frames(
+    processor: PPLLaVAProcessor, videos: Sequence[Any], frame_sampling: FrameSampling | None = None
+) -> list[torch.Tensor]:
+    """uint8 frames `(T, 3, H, W)` of each video, decoded and sampled as `processor` does (`frame_sampling`, default the
+    processor's, picks the frame of each segment); decode once, then hand the frames to the processor as often as
+    needed (a preference pair uses them twice)."""
     video_processor = processor.video_processor
     frames, _ = video_processor.load_videos(
         list(videos),
         num_frames=video_processor.num_frames,
         fps=video_processor.fps,
         do_sample_frames=getattr(video_processor, "do_sample_frames", None),
+        frame_sampling=frame_sampling,
     )
     return frames
 
 
-def load_row_video(processor: PPLLaVAProcessor, video: Any, row: dict[str, Any]) -> torch.Tensor:
-    """uint8 frames of one resolved video of a training row; a file that fails to decode raises `BadRowError` naming
-    the row (the trainer's `video_check="open"` only reads headers)."""
+def load_row_video(
+    processor: PPLLaVAProcessor, video: Any, row: dict[str, Any], frame_sampling: FrameSampling | None = None
+) -> torch.Tensor:
+    """uint8 frames of one resolved video of a training row (see `load_video_frames`); a file that fails to decode
+    raises `BadRowError` naming the row (the trainer's `video_check="open"` only reads headers)."""
     try:
-        return load_video_frames(processor, [video])[0]
+        return load_video_frames(processor, [video], frame_sampling)[0]
     except VideoDecodingError as error:
         raise BadRowError(
             f"{describe_row(row.get(ROW_INDEX, '?'), row.get('id'))}: {error} (video_check='decode' finds such files "
@@ -227,12 +238,19 @@ def image_size(image: Any) -> tuple[int, int]:
 
 
 def visual_tokens_added(
-    processor: PPLLaVAProcessor, videos: Sequence[Any], images: Sequence[Any], video_check: VideoCheck
+    processor: PPLLaVAProcessor,
+    videos: Sequence[Any],
+    images: Sequence[Any],
+    video_check: VideoCheck,
+    multi_image: bool = False,
 ) -> int:
     """Tokens the expansion of the `<video>` / `<image>` placeholders adds to a tokenized text (each placeholder is
-    one token before expansion)."""
+    one token before expansion); with `multi_image` the images are one multi-image group (a fixed count per image)."""
     added = sum(processor.num_video_tokens(count_video_frames(processor, video, video_check)) - 1 for video in videos)
-    return added + sum(processor.num_image_tokens(image_size(image)) - 1 for image in images)
+    sizes = [image_size(image) for image in images]  # also finds missing or unreadable image files
+    if multi_image:
+        return added + len(sizes) * (processor.num_multi_image_tokens() - 1)
+    return added + sum(processor.num_image_tokens(size) - 1 for size in sizes)
 
 
 def adds_special_tokens(processor: PPLLaVAProcessor, text: str) -> bool:

@@ -14,15 +14,19 @@ Dataset format, one conversation per row (a JSONL file loads with `datasets.load
   `media_folder`) or decoded frames (`(T, H, W, 3)` uint8 per video, `(H, W, 3)` per image). They fill the media
   blocks that carry no path, in order; a conversation without media blocks gets them at the start of its first user
   turn (the original layout: `USER: <video>\\nQuestion ASSISTANT: ...`).
-- optional `pooling_prompt` and `id`.
+- optional `multi_image` (`true`: the row's images are one multi-image group, the original's "multi-image" media type:
+  encoded together as the frames of one clip, each `<image>` on its own line; see the README's "Multi-image"), and
+  optional `pooling_prompt` and `id`.
 
 Labels: only the assistant turns (answer text and the separator that ends it, `</s>` / `<|im_end|>`) are learned; the
 system text, user turns, role markers and visual tokens are `-100`, from the chat template's `{% generation %}`
 markers. The original recipe masks the same parts.
 
 Pooling prompt: by default the text of the last user turn (the question), as PPLLaVA is prompted at inference and in
-DPO. The original SFT fed the whole templated conversation to its CLIP text encoder instead; give a `pooling_prompt`
-column to choose another text per row.
+DPO. The original SFT fed the whole templated conversation, answers included, to its CLIP text encoder instead
+(truncated to its positions); `pooling_prompt_source="conversation"` does the same. The question stays the default
+because it is the only text there is at inference: pooling under the answer teaches the alignment to select the patches
+the answer names, guidance it then never gets. A `pooling_prompt` column chooses another text per row.
 
 Usage (`examples/train_sft.py` is the full script):
 
@@ -32,13 +36,14 @@ Usage (`examples/train_sft.py` is the full script):
     trainer.train()
 """
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
+from ..models.ppllava.video_decoding_ppllava import FrameSampling
 from .common import PPLLaVAConfigMixin, PPLLaVATrainerMixin
 from .rows import (
     BadRowError,
@@ -107,17 +112,48 @@ def check_conversation_row(
     """Raise `BadRowError` (or `VideoDecodingError`) if the row cannot be trained on: malformed, no assistant turn,
     missing or unreadable media, or longer than `max_length` with its visual tokens."""
     conversation = conversation_with_media(row, media_folder)
-    text = processor.apply_chat_template(conversation, tokenize=False)
-    added = visual_tokens_added(processor, _media(conversation, "video"), _media(conversation, "image"), video_check)
+    multi_image = is_multi_image(row)
+    text = processor.apply_chat_template(conversation, tokenize=False, multi_image=multi_image)
+    videos, images = _media(conversation, "video"), _media(conversation, "image")
+    added = visual_tokens_added(processor, videos, images, video_check, multi_image)
     check_length(token_count(processor, text) + added, max_length)
+
+
+def is_multi_image(row: dict[str, Any]) -> bool:
+    """The row's `multi_image` flag (absent: `False`); anything but a bool raises `BadRowError`."""
+    flag = row.get("multi_image")
+    if flag is None:
+        return False
+    if not isinstance(flag, bool):
+        raise BadRowError(f"its multi_image must be true or false, got {flag!r}", kind="malformed")
+    return flag
+
+
+PoolingPromptSource = Literal["last_user_turn", "conversation"]
+POOLING_PROMPT_SOURCES = ("last_user_turn", "conversation")
 
 
 @dataclass
 class PPLLaVASFTConfig(PPLLaVAConfigMixin, SFTConfig):
-    """trl's `SFTConfig` with PPLLaVA's options (`media_folder`, `num_frames`, `on_bad_row`, `video_check`,
-    `freezing_preset`; see `PPLLaVAConfigMixin`): the arguments of `PPLLaVASFTTrainer`."""
+    """trl's `SFTConfig` with PPLLaVA's options (`media_folder`, `num_frames`, `frame_sampling`, `on_bad_row`,
+    `video_check`, `freezing_preset`; see `PPLLaVAConfigMixin`) and `pooling_prompt_source`: the arguments of
+    `PPLLaVASFTTrainer`."""
+
+    pooling_prompt_source: PoolingPromptSource = field(
+        default="last_user_turn",
+        metadata={
+            "help": "The text that guides the pooling of a row without a pooling_prompt column: its last user turn "
+            "(what PPLLaVA is prompted with at inference) or its whole templated conversation (the original SFT's "
+            "choice).",
+            "choices": list(POOLING_PROMPT_SOURCES),
+        },
+    )
 
     def __post_init__(self):
+        if self.pooling_prompt_source not in POOLING_PROMPT_SOURCES:
+            raise ValueError(
+                f"pooling_prompt_source must be one of {POOLING_PROMPT_SOURCES}, got {self.pooling_prompt_source!r}."
+            )
         super().__post_init__()
         # trl tokenizes text datasets itself before training (it skips that only for datasets with an image column);
         # PPLLaVA rows are tokenized by the collator, with their media, so preparation is always skipped. (Set after
@@ -129,16 +165,21 @@ class PPLLaVASFTConfig(PPLLaVAConfigMixin, SFTConfig):
 class PPLLaVASFTCollator:
     """Batches conversations for trl's `SFTTrainer`: `input_ids`, `attention_mask`, `labels` (everything but the
     assistant turns is `-100`) and the model's visual inputs (`pixel_values_videos`, `clip_input_ids`,
-    `clip_attention_mask`, and `pixel_values`, `image_sizes` for images).
+    `clip_attention_mask`, `pixel_values` and `image_sizes` for anyres images, `pixel_values_multi_image` and
+    `multi_image` for multi-image rows).
 
     Tokenizes with `processor.apply_chat_template(..., return_assistant_tokens_mask=True)`, exactly as at inference
     (the BOS included), right-padded. Videos are decoded one row at a time so that a file that fails names its row.
     Rows are never truncated; a row longer than `max_length` raises `BadRowError` (the trainer drops such rows first).
+    `frame_sampling="random"` draws the frames afresh at every batch, and `pooling_prompt_source="conversation"` pools
+    under the whole templated conversation, as the original's SFT does (see the module docstring).
     """
 
     processor: PPLLaVAProcessor
     media_folder: str | None = None
     max_length: int | None = None
+    frame_sampling: FrameSampling = "middle"
+    pooling_prompt_source: PoolingPromptSource = "last_user_turn"
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         conversations = [self._decoded(example) for example in examples]
@@ -148,10 +189,14 @@ class PPLLaVASFTCollator:
             return_dict=True,
             return_tensors="pt",
             return_assistant_tokens_mask=True,
+            multi_image=[is_multi_image(example) for example in examples],
             processor_kwargs={
                 "padding": True,
                 "padding_side": "right",
-                "pooling_prompt": [example.get("pooling_prompt") or None for example in examples],
+                "pooling_prompt": [
+                    example.get("pooling_prompt") or self._default_pooling_prompt(conversation)
+                    for example, conversation in zip(examples, conversations)
+                ],
             },
         )
         assistant_masks = torch.as_tensor(batch.pop("assistant_masks"))
@@ -159,13 +204,21 @@ class PPLLaVASFTCollator:
         check_batch_lengths(batch["attention_mask"].sum(-1).tolist(), examples, self.max_length)
         return dict(batch)
 
+    def _default_pooling_prompt(self, conversation: list[dict]) -> str | None:
+        """The whole templated conversation with `pooling_prompt_source="conversation"`, its placeholders written
+        `<image>` as the original writes them for every medium; else `None`, the processor's last user turn."""
+        if self.pooling_prompt_source == "last_user_turn":
+            return None
+        text = self.processor.apply_chat_template(conversation, tokenize=False)
+        return text.replace(self.processor.video_token, self.processor.image_token)
+
     def _decoded(self, example: dict[str, Any]) -> list[dict]:
-        """The row's conversation with its videos decoded to frames (the processor's sampling)."""
+        """The row's conversation with its videos decoded to frames (the processor's sampling, `frame_sampling`)."""
         conversation = conversation_with_media(example, self.media_folder)
         for message in conversation:
             for block in message["content"]:
                 if block["type"] == "video":
-                    block["video"] = load_row_video(self.processor, block["video"], example)
+                    block["video"] = load_row_video(self.processor, block["video"], example, self.frame_sampling)
         return conversation
 
 
@@ -173,9 +226,10 @@ class PPLLaVASFTTrainer(PPLLaVATrainerMixin, SFTTrainer):
     """trl's `SFTTrainer` for PPLLaVA conversations with videos and images (format in the module docstring).
 
     The loss, PEFT, DeepSpeed/FSDP, logging are trl's. The additions, set in `args` (a `PPLLaVASFTConfig`):
-    `media_folder` (where relative media paths start), `num_frames`, `on_bad_row` / `video_check` (see
-    `ppllava_hf.training.rows`; skipped rows are listed in `trainer.skipped_rows`), `freezing_preset` (`"sft"` is the
-    released recipe); and the default collator `PPLLaVASFTCollator`, which trains on the assistant turns.
+    `media_folder` (where relative media paths start), `num_frames`, `frame_sampling`, `pooling_prompt_source`,
+    `on_bad_row` / `video_check` (see `ppllava_hf.training.rows`; skipped rows are listed in `trainer.skipped_rows`),
+    `freezing_preset` (`"sft"` is the released recipe); and the default collator `PPLLaVASFTCollator`, which trains on
+    the assistant turns.
     """
 
     _tag_names = ["trl", "sft", "ppllava"]
@@ -196,14 +250,18 @@ class PPLLaVASFTTrainer(PPLLaVATrainerMixin, SFTTrainer):
         )
         # Built here rather than by trl, which only knows image columns.
         if data_collator is None:
-            data_collator = PPLLaVASFTCollator(processing_class, args.media_folder, args.max_length)
+            data_collator = PPLLaVASFTCollator(
+                processing_class, args.media_folder, args.max_length, args.frame_sampling, args.pooling_prompt_source
+            )
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
 
 
 __all__ = [
+    "POOLING_PROMPT_SOURCES",
     "PPLLaVASFTCollator",
     "PPLLaVASFTConfig",
     "PPLLaVASFTTrainer",
     "check_conversation_row",
     "conversation_with_media",
+    "is_multi_image",
 ]

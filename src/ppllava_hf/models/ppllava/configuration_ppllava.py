@@ -41,6 +41,10 @@ class PPLLaVAConfig(PreTrainedConfig):
             `siglip_text_model`). Its `max_position_embeddings` is the extended context (248 for CLIP, 196 for SigLIP).
         prompt_keep_positions (`int`, *optional*, defaults to 20):
             Positions below this index use the frozen base position table, the others the trainable residual table.
+        extended_prompt_positions (`bool`, *optional*, defaults to `True`):
+            Give the prompt encoder PPLLaVA's two position tables (frozen base, trainable residual) of the stretched
+            length. `False` keeps the text encoder's stock embeddings (one table of, e.g., CLIP's 77 positions), as the
+            original does with `extend_clip: false`.
         freeze_prompt_encoder (`bool`, *optional*, defaults to `True`):
             Run the prompt text encoder without gradient (the original does so on its CLIP path).
         video_pooling_kernel, video_pooling_stride (`list[int]`, *optional*, defaults to `[2, 3, 3]`):
@@ -132,6 +136,7 @@ class PPLLaVAConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     prompt_encoder_config: dict | PreTrainedConfig | None = None
     prompt_keep_positions: int = 20
+    extended_prompt_positions: bool = True
     freeze_prompt_encoder: bool = True
     video_pooling_kernel: list[int] | None = None
     video_pooling_stride: list[int] | None = None
@@ -270,7 +275,7 @@ class PPLLaVAConfig(PreTrainedConfig):
                 f"The prompt encoder and the vision tower cannot be aligned: {what} differ ({prompt_dim} vs {vision_dim}). "
                 "Use the text and vision configs of the same CLIP/SigLIP checkpoint."
             )
-        if not 0 < self.prompt_keep_positions < prompt.max_position_embeddings:
+        if self.extended_prompt_positions and not 0 < self.prompt_keep_positions < prompt.max_position_embeddings:
             raise ValueError(
                 f"prompt_keep_positions={self.prompt_keep_positions} must be between 1 and the prompt encoder's "
                 f"{prompt.max_position_embeddings} positions."

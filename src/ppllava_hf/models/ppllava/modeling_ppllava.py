@@ -1,5 +1,6 @@
 """PPLLaVA models: vision tower (+ BT-Adapter), vision-prompt alignment, prompt-guided pooling, projector and a causal LM."""
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .token_counts_ppllava import (
     anyres_grid_shape,
     num_anyres_tiles,
     num_image_tokens,
+    num_multi_image_tokens,
     plan_image_pooling,
     plan_pooling,
     plan_video_pooling,
@@ -155,17 +157,19 @@ class PPLLaVAVisionPromptAlignment(nn.Module):
         prompt_config, vision_config = config.prompt_encoder_config, config.vision_config
         self.is_siglip = prompt_config.model_type == "siglip_text_model"
         self.freeze_prompt_encoder = config.freeze_prompt_encoder
-        # Stock CLIP/SigLIP text encoder, with PPLLaVA's extended position tables in place of its embeddings.
+        # Stock CLIP/SigLIP text encoder, with PPLLaVA's extended position tables in place of its embeddings (unless the
+        # checkpoint keeps the stock ones, the original's `extend_clip: false`).
         self.text_model = PROMPT_ENCODER_CLASSES[prompt_config.model_type](prompt_config)
-        replace_text_embeddings(
-            self.text_model,
-            PPLLaVAExtendedTextEmbeddings(
-                prompt_config.vocab_size,
-                prompt_config.hidden_size,
-                prompt_config.max_position_embeddings,
-                config.prompt_keep_positions,
-            ),
-        )
+        if config.extended_prompt_positions:
+            replace_text_embeddings(
+                self.text_model,
+                PPLLaVAExtendedTextEmbeddings(
+                    prompt_config.vocab_size,
+                    prompt_config.hidden_size,
+                    prompt_config.max_position_embeddings,
+                    config.prompt_keep_positions,
+                ),
+            )
         self.visual_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
         if self.is_siglip:
             self.text_projection = None
@@ -575,10 +579,15 @@ class PPLLaVAModelOutputWithPast(BaseModelOutputWithPast):
         `(num_image_tokens, hidden_size)`: the visual tokens scattered into the image placeholders.
     video_hidden_states (`torch.Tensor`, *optional*):
         `(num_video_tokens, hidden_size)`: the visual tokens scattered into the video placeholders.
+    image_outputs, video_outputs ([`PPLLaVAVisualOutput`], *optional*):
+        The encoder output whose tokens were scattered in (`pooler_output`, `relevance`, and the vision tower's
+        `hidden_states` / `attentions` when requested), as transformers' multimodal outputs carry it.
     """
 
     image_hidden_states: torch.Tensor | None = None
     video_hidden_states: torch.Tensor | None = None
+    image_outputs: PPLLaVAVisualOutput | None = None
+    video_outputs: PPLLaVAVisualOutput | None = None
 
 
 @dataclass
@@ -587,10 +596,13 @@ class PPLLaVACausalLMOutputWithPast(CausalLMOutputWithPast):
     transformers' causal-LM output (loss, logits, cache, hidden states, attentions), and:
 
     image_hidden_states, video_hidden_states (`torch.Tensor`, *optional*): the visual tokens that were scattered in.
+    image_outputs, video_outputs ([`PPLLaVAVisualOutput`], *optional*): the encoder outputs they came from.
     """
 
     image_hidden_states: torch.Tensor | None = None
     video_hidden_states: torch.Tensor | None = None
+    image_outputs: PPLLaVAVisualOutput | None = None
+    video_outputs: PPLLaVAVisualOutput | None = None
 
 
 class PPLLaVAMultiModalProjector(nn.Module):
@@ -648,8 +660,9 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
             init.normal_(module.image_newline, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
         elif isinstance(module, PPLLaVAVisionPromptAlignment):
             embeddings = module.text_model.embeddings
-            init.normal_(embeddings.position_embedding_base, mean=0.0, std=std)
-            init.copy_(embeddings.position_embedding_residual, embeddings.position_embedding_base)
+            if isinstance(embeddings, PPLLaVAExtendedTextEmbeddings):
+                init.normal_(embeddings.position_embedding_base, mean=0.0, std=std)
+                init.copy_(embeddings.position_embedding_residual, embeddings.position_embedding_base)
             init.constant_(module.logit_scale, module.initial_logit_scale)
             if module.logit_bias is not None:
                 init.constant_(module.logit_bias, INITIAL_SIGLIP_LOGIT_BIAS)
@@ -663,6 +676,10 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
 
 class PPLLaVAModel(PPLLaVAPreTrainedModel):
     """PPLLaVA without its LM head: visual tokens pooled under the guidance of the prompt, scattered into the text."""
+
+    # What transformers' quantizers (bitsandbytes 4/8-bit, ...) leave unquantized: everything but the language model.
+    # The list's other effect is transformers' own: a float16 (not bfloat16) load keeps these parts in float32.
+    _keep_in_fp32_modules = ["vision_tower", "btadapter", "prompt_alignment", "multi_modal_projector"]
 
     def __init__(self, config: PPLLaVAConfig):
         super().__init__(config)
@@ -678,6 +695,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         self.multi_modal_projector = PPLLaVAMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = AutoModel.from_config(config.text_config)
+        # Only the parts this layout has (the SigLIP/Qwen layout has no BT-Adapter): transformers checks every name.
+        self._keep_in_fp32_modules = [name for name in self._keep_in_fp32_modules if getattr(self, name) is not None]
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -715,6 +734,13 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         return num_image_tokens(
             image_size, config.image_grid_pinpoints, config.vision_config.image_size, config.patch_grid,
             config.image_pooling_kernel, config.image_pooling_stride, config.image_pooling_output_size,
+        )
+
+    def num_multi_image_tokens(self) -> int:
+        """Visual tokens of each image of a multi-image group."""
+        config = self.config
+        return num_multi_image_tokens(
+            config.patch_grid, config.image_pooling_kernel, config.image_pooling_stride, config.image_pooling_output_size
         )
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -885,13 +911,33 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             )
         return relevance[0], torch.cat(blocks, dim=1)[0]
 
-    def _video_list(self, pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-        if isinstance(pixel_values_videos, torch.Tensor) and pixel_values_videos.ndim != 5:
-            raise ValueError(
-                f"pixel_values_videos must be (videos, frames, 3, height, width), got shape {tuple(pixel_values_videos.shape)}."
-            )
-        check_pixel_batch(pixel_values_videos, "pixel_values_videos", self.config.vision_config.image_size)
-        return list(pixel_values_videos)
+    def _clip_list(self, pixel_values: torch.Tensor | list[torch.Tensor], name: str) -> list[torch.Tensor]:
+        """Clips `(frames, 3, H, W)`, checked, from a 5-D tensor or a list: the videos of `pixel_values_videos`, or the
+        image groups of `pixel_values_multi_image`."""
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim != 5:
+            items = "videos, frames" if name == "pixel_values_videos" else "groups, images"
+            raise ValueError(f"{name} must be ({items}, 3, height, width), got shape {tuple(pixel_values.shape)}.")
+        check_pixel_batch(pixel_values, name, self.config.vision_config.image_size)
+        return list(pixel_values)
+
+    def _encode_clips(
+        self,
+        clips: list[torch.Tensor],
+        prompts: torch.Tensor,
+        plans: list[PoolingPlan],
+        output_hidden_states: bool,
+        output_attentions: bool,
+    ) -> PPLLaVAVisualOutput:
+        """Each clip through the vision tower (+ BT-Adapter, across its frames), scored by one softmax over all of its
+        patches and pooled with its plan: a video, or the images of a multi-image group."""
+        encoded, tokens, relevance = [], [], []
+        for clip, prompt, plan in zip(clips, prompts, plans):
+            vision = self.encode_frames(clip, [clip.shape[0]], output_hidden_states, output_attentions)
+            clip_relevance, pooled = self._pool_clip(vision.last_hidden_state, prompt, plan)
+            encoded.append(vision)
+            tokens.append(pooled.flatten(0, 2))
+            relevance.append(clip_relevance)
+        return PPLLaVAVisualOutput(**_join_vision_outputs(encoded), pooler_output=tokens, relevance=relevance)
 
     def get_video_features(
         self,
@@ -900,8 +946,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
@@ -922,18 +966,41 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         Returns a [`PPLLaVAVisualOutput`]: the tokens of each video in `pooler_output`, the selected vision features of
         every frame in `last_hidden_state`, the relevance of each video in `relevance`.
         """
-        videos = self._video_list(pixel_values_videos)
+        videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
-        output_hidden_states, output_attentions = self._vision_output_flags(output_hidden_states, output_attentions)
-        encoded, tokens, relevance = [], [], []
-        for video, prompt in zip(videos, prompts):
-            plan = self.video_pooling_plan(video.shape[0], max_visual_tokens)
-            vision = self.encode_frames(video, [video.shape[0]], output_hidden_states, output_attentions)
-            clip_relevance, pooled = self._pool_clip(vision.last_hidden_state, prompt, plan)
-            encoded.append(vision)
-            tokens.append(pooled.flatten(0, 2))
-            relevance.append(clip_relevance)
-        output = PPLLaVAVisualOutput(**_join_vision_outputs(encoded), pooler_output=tokens, relevance=relevance)
+        plans = [self.video_pooling_plan(video.shape[0], max_visual_tokens) for video in videos]
+        output = self._encode_clips(videos, prompts, plans, *self._vision_output_flags(kwargs))
+        return self._return(output, return_dict)
+
+    def get_multi_image_features(
+        self,
+        pixel_values_multi_image: torch.Tensor | list[torch.Tensor],
+        clip_input_ids: torch.LongTensor | None = None,
+        clip_attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> PPLLaVAVisualOutput | tuple:
+        r"""
+        Visual tokens of multi-image groups, as the original's multi-image mode computes them: the images of a group are
+        one clip (the BT-Adapter attends across them, in order), scored by one softmax over all of their patches, and
+        each image is pooled on its own with the image windows. No anyres tiling, no `image_newline`.
+
+        pixel_values_multi_image (`torch.Tensor` of shape `(groups, images, 3, height, width)`, or a list of `(images, 3, H, W)`):
+            The images of each group, each squashed to the vision tower's square input.
+        clip_input_ids, clip_attention_mask, prompt_embeds:
+            One pooling prompt per group, as for `get_video_features`.
+        output_hidden_states, output_attentions (`bool`, *optional*):
+            Also return the vision tower's hidden states / attentions over all images (defaults: the config's).
+
+        Returns a [`PPLLaVAVisualOutput`]: per group, `(images * num_multi_image_tokens(), text_hidden_size)` tokens in
+        `pooler_output` (image by image: the tokens of its k-th image fill its k-th placeholder) and the relevance
+        `(images, rows, columns)`.
+        """
+        groups = self._clip_list(pixel_values_multi_image, "pixel_values_multi_image")
+        prompts = self._prompts_for_items(len(groups), "multi-image group", clip_input_ids, clip_attention_mask, prompt_embeds)
+        plans = [self.image_pooling_plan(group.shape[0]) for group in groups]
+        output = self._encode_clips(groups, prompts, plans, *self._vision_output_flags(kwargs))
         return self._return(output, return_dict)
 
     def get_image_features(
@@ -943,8 +1010,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
@@ -968,7 +1033,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         tile_counts = [num_anyres_tiles(size, config.image_grid_pinpoints, tile_size) for size in sizes]
         tiles = [image[:count] for image, count in zip(pixel_values, tile_counts)]
         prompts = self._prompts_for_items(len(tiles), "image", clip_input_ids, clip_attention_mask, prompt_embeds)
-        output_hidden_states, output_attentions = self._vision_output_flags(output_hidden_states, output_attentions)
+        output_hidden_states, output_attentions = self._vision_output_flags(kwargs)
         vision = self.encode_frames(torch.cat(tiles), [1] * sum(tile_counts), output_hidden_states, output_attentions)
         tokens, relevance = [], []
         for image_features, size, prompt in zip(vision.last_hidden_state.split(tile_counts), sizes, prompts):
@@ -980,8 +1045,13 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         output = PPLLaVAVisualOutput(**vision, pooler_output=tokens, relevance=relevance)
         return self._return(output, return_dict)
 
-    def _vision_output_flags(self, output_hidden_states: bool | None, output_attentions: bool | None) -> tuple[bool, bool]:
-        """The requested vision outputs, defaulting to the config's settings as transformers models do."""
+    def _vision_output_flags(self, kwargs: dict) -> tuple[bool, bool]:
+        """The requested vision outputs (`output_hidden_states` / `output_attentions` in the keyword arguments),
+        defaulting to the config's settings as transformers models do. They stay keyword arguments, not named
+        parameters: `generate` removes from its model kwargs every named parameter of `get_*_features`, which would take
+        them away from the language model's forward."""
+        output_hidden_states = kwargs.get("output_hidden_states")
+        output_attentions = kwargs.get("output_attentions")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if output_attentions is None:
@@ -997,7 +1067,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
     ) -> list[torch.Tensor]:
         """Prompt relevance of every patch of each video, `(frames, rows, columns)` float32 summing to one: where in space
         and time the model looks for the prompt (the weights of its pooling)."""
-        videos = self._video_list(pixel_values_videos)
+        videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, None)
         return [
             self._relevance(self.encode_frames(video, [video.shape[0]]).last_hidden_state, prompt)[0]
@@ -1046,12 +1116,20 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
+        pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
+        multi_image: torch.Tensor | list[bool] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> dict[str, PPLLaVAVisualOutput]:
-        """Visual tokens of every image and video of a batch, each pooled by the prompt of the sample it belongs to.
+        """Visual tokens of every image, multi-image group and video of a batch, each pooled by the prompt of the sample
+        it belongs to.
 
-        The owner of each image/video is read from the placeholders in `input_ids` (or `inputs_embeds`); the prompt
+        The owner of each item is read from the placeholders in `input_ids` (or `inputs_embeds`); `multi_image` (one
+        bool per sample) says which samples' image placeholders belong to a multi-image group rather than to anyres
+        images (without it, all of them belong to `pixel_values_multi_image` when only that is given). The prompt
         encoder runs once per sample, and identical items with identical prompts (a preference pair's chosen and
-        rejected rows, say) are encoded once. The result is what `forward(mm_encoder_outputs=...)` takes.
+        rejected rows, say) are encoded once, unless `output_hidden_states` / `output_attentions` ask for the vision
+        tower's outputs, which then cover every item in order. The result is what `forward(mm_encoder_outputs=...)`
+        takes: its `"image"` entry holds the anyres images and multi-image groups in the order of their placeholders.
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("encode_multimodal needs input_ids or inputs_embeds to find the placeholders.")
@@ -1067,16 +1145,23 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 "pooling prompt per sample."
             )
         prompt_embeds = self.get_prompt_embeds(clip_input_ids, clip_attention_mask)
+        tower_outputs = {key: True for key in ("output_hidden_states", "output_attentions") if kwargs.get(key)}
+        deduplicate = not tower_outputs
         prompt_keys = clip_input_ids if clip_attention_mask is None else torch.cat([clip_input_ids, clip_attention_mask], -1)
         outputs = {}
+        image_parts = []
+        if pixel_values is not None or pixel_values_multi_image is not None:
+            image_mask = self._placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
+            group_rows = _multi_image_rows(
+                multi_image, batch_size, pixel_values is not None, pixel_values_multi_image is not None, image_mask.device
+            )[:, None]
         if pixel_values is not None:
             if image_sizes is None:
                 raise ValueError("Images need `image_sizes` (their original height and width); the processor returns them.")
             counts = [self.num_image_tokens(tuple(int(v) for v in size)) for size in image_sizes]
-            mask = self._placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
-            rows = self._owner_rows(mask, counts, "image")
+            rows = self._owner_rows(image_mask & ~group_rows, counts, "image")
             keys = torch.cat([prompt_keys[rows], image_sizes.to(prompt_keys.device, prompt_keys.dtype)], -1)
-            outputs["image"] = _encode_once_each(
+            image_parts.append((rows, _encode_once_each(
                 list(pixel_values),
                 keys,
                 lambda unique: self.get_image_features(
@@ -1084,10 +1169,29 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                     image_sizes[unique],
                     prompt_embeds=prompt_embeds[rows[unique]],
                     return_dict=True,
+                    **tower_outputs,
                 ),
-            )
+                deduplicate,
+            )))
+        if pixel_values_multi_image is not None:
+            groups = self._clip_list(pixel_values_multi_image, "pixel_values_multi_image")
+            counts = [group.shape[0] * self.num_multi_image_tokens() for group in groups]
+            group_owners = self._owner_rows(image_mask & group_rows, counts, "multi-image group")
+            image_parts.append((group_owners, _encode_once_each(
+                groups,
+                prompt_keys[group_owners],
+                lambda unique: self.get_multi_image_features(
+                    [groups[i] for i in unique],
+                    prompt_embeds=prompt_embeds[group_owners[unique]],
+                    return_dict=True,
+                    **tower_outputs,
+                ),
+                deduplicate,
+            )))
+        if image_parts:
+            outputs["image"] = _in_placeholder_order(image_parts)
         if pixel_values_videos is not None:
-            videos = self._video_list(pixel_values_videos)
+            videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
             counts = [self.video_pooling_plan(video.shape[0], max_visual_tokens).num_tokens for video in videos]
             mask = self._placeholder_mask(self.config.video_token_id, input_ids, inputs_embeds)
             rows = self._owner_rows(mask, counts, "video")
@@ -1099,7 +1203,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                     prompt_embeds=prompt_embeds[rows[unique]],
                     max_visual_tokens=max_visual_tokens,
                     return_dict=True,
+                    **tower_outputs,
                 ),
+                deduplicate,
             )
         return outputs
 
@@ -1132,6 +1238,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         max_visual_tokens: int | None = None,
+        pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
+        multi_image: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAModelOutputWithPast | tuple:
@@ -1143,6 +1251,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             A step without placeholders (a decoding step) has nothing to scatter them into and ignores them.
         max_visual_tokens (`int`, *optional*):
             Token budget per video for this call (defaults to `config.max_visual_tokens`).
+        pixel_values_multi_image (`list[torch.Tensor]`, *optional*):
+            The images of each multi-image sample, `(images, 3, height, width)` squashed to the vision tower's input:
+            encoded together as one clip (see `get_multi_image_features`); the k-th fills the sample's k-th `<image>`.
+        multi_image (`torch.BoolTensor` of shape `(batch,)`, *optional*):
+            Which samples are multi-image samples (needed when a batch mixes them with anyres images).
         kwargs:
             Passed to the language model, the KV cache included under the name the installed transformers gives it
             (`past_key_values` up to 5.23, `cache` from 5.24): PPLLaVA itself never reads the cache.
@@ -1151,7 +1264,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        has_pixels = pixel_values is not None or pixel_values_videos is not None
+        has_pixels = any(pixels is not None for pixels in (pixel_values, pixel_values_videos, pixel_values_multi_image))
         if has_pixels and mm_encoder_outputs is not None:
             raise ValueError("Pass either pixel inputs or mm_encoder_outputs, not both.")
         if (input_ids if input_ids is not None else inputs_embeds).shape[1] > 1:  # a prompt, not a decoding step
@@ -1162,17 +1275,28 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if has_pixels:
+            tower_outputs = {key: kwargs[key] for key in ("output_hidden_states", "output_attentions") if key in kwargs}
             mm_encoder_outputs = self.encode_multimodal(
-                input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos,
-                clip_input_ids, clip_attention_mask, max_visual_tokens,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                pixel_values=pixel_values,
+                image_sizes=image_sizes,
+                pixel_values_videos=pixel_values_videos,
+                clip_input_ids=clip_input_ids,
+                clip_attention_mask=clip_attention_mask,
+                max_visual_tokens=max_visual_tokens,
+                pixel_values_multi_image=pixel_values_multi_image,
+                multi_image=multi_image,
+                **tower_outputs,
             )
-        hidden = {}
+        hidden, used = {}, {}
         for modality, token_id in (("image", self.config.image_token_id), ("video", self.config.video_token_id)):
             encoded = (mm_encoder_outputs or {}).get(modality)
             if encoded is not None:
                 mask = self._placeholder_mask(token_id, input_ids, inputs_embeds)
                 if bool(mask.any()):
                     inputs_embeds, hidden[modality] = self._scatter(inputs_embeds, mask, encoded.pooler_output, modality)
+                    used[modality] = encoded
             elif inputs_embeds.shape[1] > 1 and not torch.compiler.is_compiling():
                 # Decoding steps carry no placeholders; a prompt's placeholders with nothing to fill them would make
                 # the model answer from the placeholder embeddings.
@@ -1191,7 +1315,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             **kwargs,
         )
         output = PPLLaVAModelOutputWithPast(
-            **outputs, image_hidden_states=hidden.get("image"), video_hidden_states=hidden.get("video")
+            **outputs,
+            image_hidden_states=hidden.get("image"),
+            video_hidden_states=hidden.get("video"),
+            image_outputs=used.get("image"),
+            video_outputs=used.get("video"),
         )
         return self._return(output, return_dict)
 
@@ -1200,15 +1328,23 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
     ) -> None:
         count = int(self._placeholder_mask(token_id, input_ids, inputs_embeds).sum())
         if count:
-            pixels = "pixel_values_videos" if modality == "video" else "pixel_values (and image_sizes)"
+            pixels = (
+                "pixel_values_videos" if modality == "video"
+                else "pixel_values (and image_sizes), or pixel_values_multi_image"
+            )
             raise ValueError(
                 f"The input has {count} {modality} placeholder tokens but no {modality} to fill them: pass {pixels} and "
                 "clip_input_ids (the PPLLaVA processor returns them), or precomputed mm_encoder_outputs."
             )
 
 
-def _encode_once_each(items: list[torch.Tensor], keys: torch.Tensor, encode) -> PPLLaVAVisualOutput:
-    """Encode each distinct (pixels, key) item once and hand its tokens to every duplicate, in the original order."""
+def _encode_once_each(
+    items: list[torch.Tensor], keys: torch.Tensor, encode, deduplicate: bool = True
+) -> PPLLaVAVisualOutput:
+    """Encode each distinct (pixels, key) item once and hand its tokens to every duplicate, in the original order
+    (with `deduplicate=False`, encode every item: the output then keeps every field of `encode`'s)."""
+    if not deduplicate:
+        return encode(list(range(len(items))))
     representative = []
     for index, (item, key) in enumerate(zip(items, keys)):
         match = next(
@@ -1226,6 +1362,42 @@ def _encode_once_each(items: list[torch.Tensor], keys: torch.Tensor, encode) -> 
     return PPLLaVAVisualOutput(
         pooler_output=[encoded.pooler_output[i] for i in slot],
         relevance=[encoded.relevance[i] for i in slot],
+    )
+
+
+def _multi_image_rows(
+    multi_image: torch.Tensor | list[bool] | None, batch_size: int, has_images: bool, has_groups: bool, device: torch.device
+) -> torch.Tensor:
+    """`(batch,)` bools: which samples' image placeholders belong to a multi-image group (the others: anyres images)."""
+    if multi_image is None:
+        if has_images and has_groups:
+            raise ValueError(
+                "Both anyres images (pixel_values) and multi-image groups (pixel_values_multi_image) were given: pass "
+                "multi_image (one bool per sample, which the PPLLaVA processor returns) to say which samples hold groups."
+            )
+        return torch.full((batch_size,), has_groups, dtype=torch.bool, device=device)
+    rows = torch.as_tensor(multi_image, device=device).bool().flatten()
+    if rows.shape[0] != batch_size:
+        raise ValueError(f"multi_image has {rows.shape[0]} entries for a batch of {batch_size}: give one bool per sample.")
+    return rows
+
+
+def _in_placeholder_order(parts: list[tuple[torch.Tensor, PPLLaVAVisualOutput]]) -> PPLLaVAVisualOutput:
+    """Visual items of one or more kinds (anyres images, multi-image groups), each kind with the batch row of every
+    item, as one output whose tokens and relevance are in placeholder order: by row (a row holds one kind), then in the
+    order given. One kind is returned as it is; of several, the vision tower's outputs (when asked for) are those of
+    each kind in turn, anyres images first."""
+    if len(parts) == 1:
+        return parts[0][1]
+    order = sorted(
+        (row, kind, index) for kind, (rows, _) in enumerate(parts) for index, row in enumerate(rows.tolist())
+    )
+    encoded = [output for _, output in parts]
+    tower = _join_vision_outputs(encoded) if all(output.last_hidden_state is not None for output in encoded) else {}
+    return PPLLaVAVisualOutput(
+        **tower,
+        pooler_output=[encoded[kind].pooler_output[index] for _, kind, index in order],
+        relevance=[encoded[kind].relevance[index] for _, kind, index in order],
     )
 
 
@@ -1255,12 +1427,14 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     """PPLLaVA with its LM head: video/image + text in, text out."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _keep_in_fp32_modules = [f"model.{name}" for name in PPLLaVAModel._keep_in_fp32_modules]
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: PPLLaVAConfig):
         super().__init__(config)
         self.model = PPLLaVAModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self._keep_in_fp32_modules = [f"model.{name}" for name in self.model._keep_in_fp32_modules]
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
@@ -1276,6 +1450,10 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values, image_sizes, **kwargs) -> PPLLaVAVisualOutput | tuple:
         """See [`PPLLaVAModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
+
+    def get_multi_image_features(self, pixel_values_multi_image, **kwargs) -> PPLLaVAVisualOutput | tuple:
+        """See [`PPLLaVAModel.get_multi_image_features`]."""
+        return self.model.get_multi_image_features(pixel_values_multi_image, **kwargs)
 
     def get_video_relevance(self, pixel_values_videos, clip_input_ids, clip_attention_mask=None) -> list[torch.Tensor]:
         """See [`PPLLaVAModel.get_video_relevance`]."""
@@ -1301,6 +1479,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         max_visual_tokens: int | None = None,
+        pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
+        multi_image: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVACausalLMOutputWithPast | tuple:
@@ -1313,6 +1493,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             Precomputed visual tokens instead of pixels (see `encode_multimodal`).
         max_visual_tokens (`int`, *optional*):
             Token budget per video for this call.
+        pixel_values_multi_image, multi_image (*optional*):
+            Multi-image samples (the processor's `multi_image=True`); see [`PPLLaVAModel.forward`].
         kwargs:
             Passed to the language model (the KV cache included, under the installed transformers' name for it).
 
@@ -1344,6 +1526,8 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs,
             max_visual_tokens=max_visual_tokens,
+            pixel_values_multi_image=pixel_values_multi_image,
+            multi_image=multi_image,
             return_dict=True,
             **kwargs,
         )
@@ -1363,14 +1547,17 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         """[`GenerationMixin.generate`], with every image and video encoded once, before decoding starts, and pooled by
         the prompt of the sample it belongs to (the placeholders in the input ids say which). Beams and
         `num_return_sequences` reuse those tokens instead of re-encoding the pixels."""
-        visual_keys = ("pixel_values", "image_sizes", "pixel_values_videos", "clip_input_ids", "clip_attention_mask")
+        visual_keys = (
+            "pixel_values", "image_sizes", "pixel_values_videos", "pixel_values_multi_image", "multi_image",
+            "clip_input_ids", "clip_attention_mask",
+        )
         visual = {key: kwargs.pop(key, None) for key in visual_keys}
         max_visual_tokens = kwargs.pop("max_visual_tokens", None)
         if inputs is None and "input_ids" in kwargs:
             inputs = kwargs.pop("input_ids")
         check_attended_rows(kwargs.get("attention_mask"))
         inputs, kwargs = _move_right_padding_left(inputs, kwargs)
-        if visual["pixel_values"] is not None or visual["pixel_values_videos"] is not None:
+        if any(visual[key] is not None for key in ("pixel_values", "pixel_values_videos", "pixel_values_multi_image")):
             if kwargs.get("mm_encoder_outputs") is not None:
                 raise ValueError("Pass either pixel inputs or mm_encoder_outputs to generate, not both.")
             kwargs["mm_encoder_outputs"] = self.model.encode_multimodal(
@@ -1378,6 +1565,22 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
                 **visual,
             )
         return super().generate(inputs, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        """[`GenerationMixin.prepare_inputs_for_generation`], with the visual tokens handed to every forward that reads
+        the whole prompt. transformers passes them only on the first iteration, but an assistant model's first call
+        (assisted decoding) is not one, although it starts without a cache. A decoding step reads only new tokens,
+        which carry no placeholders (a generated token that equals a placeholder id is text)."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        visual = kwargs.get("mm_encoder_outputs")
+        window = model_inputs.get("input_ids")
+        if visual and "mm_encoder_outputs" not in model_inputs and window is not None and window.shape == input_ids.shape:
+            model_inputs["mm_encoder_outputs"] = visual
+        return model_inputs
+
+    # generate checks its keyword arguments against this method's signature: declare the inherited one, so the cache
+    # keeps whichever name the installed transformers gives it (`past_key_values` up to 5.23, `cache` from 5.24).
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
 
 def _move_right_padding_left(input_ids: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, dict]:

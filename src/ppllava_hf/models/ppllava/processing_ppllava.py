@@ -5,7 +5,9 @@ scatter into it, tokenize, process pixels), it tokenizes one *pooling prompt* pe
 tokenizer (CLIP or SigLIP): the text that guides which patches the model keeps when it pools the visual tokens.
 """
 
+import itertools
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -18,11 +20,11 @@ from transformers import (
     ProcessorMixin,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
-from transformers.processing_utils import Unpack
+from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import logging
 
 from .configuration_ppllava import PPLLaVAConfig
-from .token_counts_ppllava import num_image_tokens, plan_video_pooling
+from .token_counts_ppllava import num_image_tokens, num_multi_image_tokens, plan_video_pooling
 from .transformers_internals_ppllava import VideoProcessorMixin
 from .video_processing_ppllava import PPLLaVAVideoProcessor, PPLLaVAVideosKwargs, canonical_videos, one_per_item
 
@@ -37,8 +39,10 @@ logger = logging.get_logger(__name__)
 # - `CHATML_CHAT_TEMPLATE` (`plain_qwen`, Qwen2 backbone):
 #   `<|im_start|>user\n<video>\nQuestion?<|im_end|>\n<|im_start|>assistant\nAnswer<|im_end|>\n...`
 #
-# As in the original, a user turn lists its visual placeholders (one `<video>` / `<image>` per content block, in order)
-# then a newline, then its text (text blocks joined by newlines); a system message is its text followed by the user
+# As in the original, a user turn lists its visual placeholders (one `<video>` / `<image>` per content block, in order),
+# each followed by a newline, then its text (text blocks joined by newlines): `conv.py`'s `user_query(is_mm=True)` turns
+# every placeholder of a query into `<image>\n` (the original writes `<image>` for videos too), which is how its
+# multi-image data reads, `USER: <image>\n<image>\nQuestion`. A system message is its text followed by the user
 # separator (`" "`, or `"<|im_end|>\n"` without an `<|im_start|>system` header, exactly as `conv.py` renders it). Every
 # assistant turn ends with its separator (`</s>` / `<|im_end|>`): `conv.py` leaves it off a final assistant message only
 # because at inference the prompt ends with the assistant role; its training data does append the EOS. The assistant
@@ -54,14 +58,14 @@ def _conversation_template(
         "{%- set ns = namespace(media='', texts=[]) -%}"
         "{%- if message['content'] is string -%}{%- set ns.texts = [message['content']] -%}"
         "{%- else -%}{%- for block in message['content'] -%}"
-        "{%- if block['type'] == 'video' -%}{%- set ns.media = ns.media + '<video>' -%}"
-        "{%- elif block['type'] == 'image' -%}{%- set ns.media = ns.media + '<image>' -%}"
+        "{%- if block['type'] == 'video' -%}{%- set ns.media = ns.media + '<video>\\n' -%}"
+        "{%- elif block['type'] == 'image' -%}{%- set ns.media = ns.media + '<image>\\n' -%}"
         "{%- elif block['type'] == 'text' -%}{%- set ns.texts = ns.texts + [block['text']] -%}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{%- set text = ns.texts | join('\\n') -%}"
         "{%- if message['role'] == 'system' -%}{{ text + '" + system_end + "' }}"
         "{%- elif message['role'] == 'user' -%}"
-        "{{ '" + user_start + "' }}{% if ns.media %}{{ ns.media + '\\n' }}{% endif %}{{ text + '" + user_end + "' }}"
+        "{{ '" + user_start + "' + ns.media + text + '" + user_end + "' }}"
         "{%- elif message['role'] == 'assistant' -%}{{ '" + assistant_start + "' }}"
         "{% generation %}{{ text + '" + assistant_end + "' }}{% endgeneration %}{{ '" + assistant_after + "' }}"
         "{%- endif -%}"
@@ -81,14 +85,20 @@ def default_chat_template(text_model_type: str) -> str:
     return CHATML_CHAT_TEMPLATE if text_model_type.startswith("qwen") else VICUNA_V1_CHAT_TEMPLATE
 
 
-def last_user_text(conversation: list[dict]) -> str:
+def _field(item, name: str):
+    """A field of a chat message or content block, given as a dict or as an object with attributes (both of which
+    `apply_chat_template` takes)."""
+    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
+
+
+def last_user_text(conversation: list) -> str:
     """Text of the last user turn of a conversation (text blocks joined by newlines), as the template renders it."""
     for message in reversed(conversation):
-        if message.get("role") == "user":
-            content = message.get("content") or []
+        if _field(message, "role") == "user":
+            content = _field(message, "content") or []
             if isinstance(content, str):
                 return content
-            return "\n".join(block["text"] for block in content if block.get("type") == "text")
+            return "\n".join(_field(block, "text") for block in content if _field(block, "type") == "text")
     return ""
 
 
@@ -103,6 +113,19 @@ _HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "rev
 _TEMPLATE_MARKUP = re.compile(r"<\|im_start\|>(?:system|user|assistant)\n|\b(?:USER|ASSISTANT): ?")
 
 
+class PPLLaVAImagesKwargs(ImagesKwargs, total=False):
+    """
+    multi_image (`bool` or `list[bool]`):
+        PPLLaVA's multi-image mode, for every sample or one bool per text sample: the images of a multi-image sample
+        are squashed to the vision tower's input (no anyres tiles) and encoded together, as the frames of one clip, and
+        each `<image>` expands to `num_multi_image_tokens()` tokens (no `image_newline`). Their pixels go to
+        `pixel_values_multi_image` (one `(images, 3, H, W)` tensor per multi-image sample), and `multi_image` (one bool
+        per sample) tells the model which samples they are.
+    """
+
+    multi_image: bool | list[bool]
+
+
 class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
     """
     pooling_prompt (`str` or `list[str | None]`):
@@ -111,9 +134,11 @@ class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
     chat_pooling_prompt (`list[str]`):
         Set by `apply_chat_template`: the last user turn of each conversation (used when `pooling_prompt` is not given).
 
-    The video options `max_visual_tokens` and `add_timestamps` are in [`PPLLaVAVideosKwargs`].
+    The video options `max_visual_tokens` and `add_timestamps` are in [`PPLLaVAVideosKwargs`], `multi_image` in
+    [`PPLLaVAImagesKwargs`].
     """
 
+    images_kwargs: PPLLaVAImagesKwargs
     videos_kwargs: PPLLaVAVideosKwargs
     pooling_prompt: str | list[str | None] | None
     chat_pooling_prompt: list[str] | None
@@ -124,7 +149,8 @@ class PPLLaVAProcessor(ProcessorMixin):
     Builds PPLLaVA's inputs from text, videos and images.
 
     `processor(text=..., videos=..., images=...)` returns `input_ids`, `attention_mask`, `pixel_values_videos`,
-    `clip_input_ids`, `clip_attention_mask` and, for images, `pixel_values`, `image_sizes`: exactly the arguments of
+    `clip_input_ids`, `clip_attention_mask` and, for images, `pixel_values`, `image_sizes` (for the images of
+    `multi_image=True` samples, `pixel_values_multi_image` and `multi_image`): exactly the arguments of
     `PPLLaVAForConditionalGeneration.forward` / `generate` (with `return_metadata=True` also `video_metadata`, to pop
     before calling the model).
 
@@ -155,7 +181,9 @@ class PPLLaVAProcessor(ProcessorMixin):
     """
 
     valid_processor_kwargs = PPLLaVAProcessorKwargs
-    skip_tensor_conversion = ["video_metadata", "text_replacement_offsets", "pixel_values_videos"]
+    skip_tensor_conversion = [
+        "video_metadata", "text_replacement_offsets", "pixel_values_videos", "pixel_values_multi_image"
+    ]
     text_kwargs = {"padding": True, "return_tensors": "pt"}
     images_kwargs = {"return_tensors": "pt"}
     # Metadata always: `add_timestamps` needs the frame times (the outputs keep it only with `return_metadata=True`).
@@ -332,6 +360,12 @@ class PPLLaVAProcessor(ProcessorMixin):
             self.patch_grid, self.image_pooling_kernel, self.image_pooling_stride, self.image_pooling_output_size,
         )
 
+    def num_multi_image_tokens(self) -> int:
+        """Visual tokens the model produces for each image of a multi-image sample (what each of its `<image>` expands to)."""
+        return num_multi_image_tokens(
+            self.patch_grid, self.image_pooling_kernel, self.image_pooling_stride, self.image_pooling_output_size
+        )
+
     # ------------------------------------------------------------------------------------------------------------------
 
     def __call__(self, images=None, text=None, videos=None, **kwargs: Unpack[PPLLaVAProcessorKwargs]) -> BatchFeature:
@@ -344,6 +378,11 @@ class PPLLaVAProcessor(ProcessorMixin):
         prompts = self._pooling_prompts(texts, kwargs.pop("pooling_prompt", None), kwargs.pop("chat_pooling_prompt", None))
         if videos is not None:
             videos = canonical_videos(videos)
+        if kwargs.get("multi_image"):
+            flags = one_per_item(kwargs["multi_image"], len(texts), "multi_image", item="text sample")
+            kwargs["multi_image"] = [bool(flag) for flag in flags]
+            if images is not None:
+                images = self._images_per_sample(texts, images)
         outputs = super().__call__(images=images, text=texts, videos=videos, **kwargs)
         outputs.update(self._encode_pooling_prompts(prompts, _tensor_type(outputs["input_ids"])))
         return outputs
@@ -354,6 +393,46 @@ class PPLLaVAProcessor(ProcessorMixin):
         self._check_placeholders(text, len(images), self.image_token, "image")
         self._check_placeholders(text, len(videos or []), self.video_token, "video")
         super().validate_inputs(images=images or None, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _images_per_sample(self, texts: list[str], images) -> list[list]:
+        """The images as one list per text sample, by the sample's `<image>` count (unchanged when the counts disagree,
+        which `validate_inputs` then reports)."""
+        flat = make_flat_list_of_images(self.image_processor.fetch_images(images))
+        counts = [sample.count(self.image_token) for sample in texts]
+        if sum(counts) != len(flat):
+            return images
+        return [flat[start:stop] for start, stop in itertools.pairwise(np.cumsum([0, *counts]).tolist())]
+
+    def _process_images(self, images, multi_image: list[bool] | None = None, **kwargs) -> tuple[dict, list[str]]:
+        """Pixels and placeholder expansions of the images: anyres tiles through the image processor, and the images of
+        multi-image samples squashed through the video processor, as the original reads a multi-image sample.
+
+        `ProcessorMixin.__call__` calls this hook with the images (one list per sample here) and the image options;
+        transformers' own processors override it for their own image layouts (GOT-OCR2's multi-page images, say).
+        `test_transformers_contracts` pins the contract.
+        """
+        if not multi_image or not any(multi_image):
+            return super()._process_images(images, **kwargs)
+        if len(images) != len(multi_image):
+            raise ValueError(f"multi_image has {len(multi_image)} entries for {len(images)} samples; give one per sample.")
+        anyres = [image for sample, grouped in zip(images, multi_image) if not grouped for image in sample]
+        processed = dict(self.image_processor(anyres, **kwargs)) if anyres else {}
+        groups = [self._multi_image_pixels(sample) for sample, grouped in zip(images, multi_image) if grouped and sample]
+        if kwargs.get("return_tensors") == "np":
+            groups = [group.numpy() for group in groups]
+        processed.update(pixel_values_multi_image=groups, multi_image=list(multi_image))
+        grouped_expansion = self.image_token * self.num_multi_image_tokens()
+        anyres_indices = iter(range(len(anyres)))
+        replacements = [
+            grouped_expansion if grouped else self.replace_image_token(processed, next(anyres_indices), **kwargs)
+            for sample, grouped in zip(images, multi_image)
+            for _ in sample
+        ]
+        return processed, replacements
+
+    def _multi_image_pixels(self, images: list) -> torch.Tensor:
+        """`(images, 3, H, W)`: each image resized to the frame size as the video processor resizes a frame."""
+        return self.video_processor(videos=[[image] for image in images], return_tensors="pt")["pixel_values_videos"][:, 0]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """An image's placeholder expanded to its number of visual tokens (anyres tiles, pooled and laid out)."""
@@ -430,9 +509,12 @@ class PPLLaVAProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """transformers' `apply_chat_template`, with the text of each conversation's last user turn as its default
-        pooling prompt (what the original's demo and evaluation feed the prompt encoder)."""
+        pooling prompt (what the original's demo and evaluation feed the prompt encoder). `multi_image=True` (or one
+        bool per conversation) processes the images of those conversations in multi-image mode."""
         conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
         processor_kwargs = {"chat_pooling_prompt": [last_user_text(c) for c in conversations]}
+        if "multi_image" in kwargs:  # a processor option; transformers would warn that it is no template variable
+            processor_kwargs["multi_image"] = kwargs.pop("multi_image")
         processor_kwargs.update(kwargs.pop("processor_kwargs", None) or {})
         return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
 
@@ -449,7 +531,7 @@ class PPLLaVAProcessor(ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values_videos", "clip_input_ids", "clip_attention_mask",
-                "pixel_values", "image_sizes"]
+                "pixel_values", "image_sizes", "pixel_values_multi_image", "multi_image"]
 
     def _check_frame_sizes(self) -> None:
         height, width = self.video_processor.frame_size

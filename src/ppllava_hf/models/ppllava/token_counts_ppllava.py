@@ -146,6 +146,17 @@ def plan_image_pooling(
     return plan_pooling((num_tiles, *patch_grid), kernel=kernel, stride=stride, output_size=output_size)
 
 
+def num_multi_image_tokens(
+    patch_grid: tuple[int, int],
+    kernel: Triple | list[int],
+    stride: Triple | list[int],
+    output_size: Triple | list[int] | None = None,
+) -> int:
+    """Visual tokens of each image of a multi-image group (what each of its placeholders expands to): the image squashed
+    to one tile and pooled with the image windows; no `image_newline`."""
+    return plan_image_pooling(1, patch_grid, kernel, stride, output_size).num_tokens
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Anyres images (LLaVA-NeXT tiling)
 
@@ -165,14 +176,16 @@ def num_anyres_tiles(image_size: tuple[int, int], grid_pinpoints: list[list[int]
 def unpadded_size(height: int, width: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Crop of a (height, width) feature map that removes the letterbox padding of an `image_size` image.
 
-    Returns (top, bottom, left, right) bounds, with the same rounding as LLaVA-NeXT's `unpad_image`.
+    Returns (top, bottom, left, right) bounds. The kept size is truncated (`int(x)`), as by the `unpad_image` of the
+    transformers releases PPLLaVA was trained with (4.45/4.46); later releases round first (`int(round(x, 7))`), which
+    keeps a different number of rows or columns for some aspect ratios (e.g. 147x196 on a 4x4 grid: 2 rows, not 4).
     """
     original_height, original_width = (int(v) for v in image_size)
     if original_width / original_height > width / height:
-        new_height = int(round(original_height * (width / original_width), 7))
+        new_height = int(original_height * (width / original_width))
         padding = (height - new_height) // 2
         return padding, height - padding, 0, width
-    new_width = int(round(original_width * (height / original_height), 7))
+    new_width = int(original_width * (height / original_height))
     padding = (width - new_width) // 2
     return 0, height, padding, width - padding
 

@@ -3,7 +3,10 @@
 Each name here is something transformers offers no public equivalent for; the model, processor and video processor
 import it from this module only, so that when a transformers release moves one of them there is a single place to
 mend. `modeling_tests/test_transformers_contracts.py` pins the contract each one is used under and names the
-transformers change when one breaks. Everything else the model files use is transformers' public API.
+transformers change when one breaks. The processor also overrides one private hook, `ProcessorMixin._process_images`
+(the images -> pixels and placeholder expansions step, which transformers' own processors override for their image
+layouts), for the multi-image mode; the same test file pins it. Everything else the model files use is transformers'
+public API.
 """
 
 import torch

@@ -6,9 +6,11 @@ PyAV (`av`) is imported inside the functions that decode, so this module loads w
 
 import math
 import os
+import random
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -17,6 +19,10 @@ from transformers.video_utils import VideoMetadata
 
 
 logger = logging.get_logger(__name__)
+
+# Which frame of each segment is sampled: its middle (PPLLaVA's inference rule) or a random one (its training rule).
+FrameSampling = Literal["middle", "random"]
+FRAME_SAMPLINGS = ("middle", "random")
 
 
 class VideoDecodingError(ValueError):
@@ -45,6 +51,7 @@ def sample_frame_indices(
     start_time: float | None = None,
     end_time: float | None = None,
     max_frames: int | None = None,
+    frame_sampling: FrameSampling = "middle",
 ) -> list[int]:
     """Indices of the frames PPLLaVA looks at: the middle of each of `num_frames` equal segments of the clip.
 
@@ -67,7 +74,12 @@ def sample_frame_indices(
             `end_time > 0` and `start_time` inside the video; an `end_time` beyond the video is clamped to its last
             frame (as the original does).
         max_frames: refuse (before any frame is read) to sample more frames than this.
+        frame_sampling: `"middle"` (the rule above, PPLLaVA's at inference) or `"random"`, the sampler of the
+            original's SFT and DPO data (`get_frame_indices(sample="rand")`), for training: see
+            `random_segment_indices`.
     """
+    if frame_sampling not in FRAME_SAMPLINGS:
+        raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLINGS}, got {frame_sampling!r}.")
     if total_num_frames < 1:
         raise VideoDecodingError("The video has no frames to sample from.")
     if num_frames is not None and fps is not None:
@@ -105,9 +117,30 @@ def sample_frame_indices(
         )
     if num_frames is None and fps is None:
         return list(range(first, last + 1))
-    num_frames = count
-    segment = float(last - first) / num_frames
-    return [int(first + segment / 2 + np.round(segment * i)) for i in range(num_frames)]
+    if frame_sampling == "random":
+        return [first + index for index in random_segment_indices(clip_frames, count)]
+    segment = float(last - first) / count
+    return [int(first + segment / 2 + np.round(segment * i)) for i in range(count)]
+
+
+def random_segment_indices(total_num_frames: int, num_frames: int) -> list[int]:
+    """`num_frames` sorted frame indices below `total_num_frames`, drawn as the original trains (`get_frame_indices` with
+    `sample="rand"` in its datasets' `utils.py`).
+
+    The clip is split into `min(num_frames, total_num_frames)` segments at `int(linspace(0, total, n + 1))` and each gives
+    a frame drawn uniformly from its start up to two before its end (the original's range never reaches a segment's last
+    frame). When a segment has fewer than two frames, a sorted random choice of `n` distinct frames is taken instead. A
+    clip shorter than `num_frames` ends with its last drawn frame repeated up to `num_frames`. The draws come from
+    Python's `random`, which `transformers.set_seed` seeds and PyTorch re-seeds in each DataLoader worker.
+    """
+    count = min(num_frames, total_num_frames)
+    bounds = np.linspace(0, total_num_frames, count + 1).astype(int).tolist()
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    if all(stop - start >= 2 for start, stop in segments):
+        indices = [random.randrange(start, stop - 1) for start, stop in segments]
+    else:
+        indices = sorted(random.sample(range(total_num_frames), count))
+    return indices + [indices[-1]] * (num_frames - count)
 
 
 def _is_positive_whole_number(value) -> bool:
@@ -354,10 +387,12 @@ def decode_video(
     end_time: float | None = None,
     folder_fps: float | None = None,
     max_frames: int | None = None,
+    frame_sampling: FrameSampling = "middle",
 ) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
     """Decode the frames PPLLaVA samples from a video file, or read them from a folder of frame images (see
     `sample_frame_indices` and `read_frame_folder`; `folder_fps` is the frame rate of a folder, files carry their own;
-    `max_frames` refuses, before decoding, a request for more frames).
+    `max_frames` refuses, before decoding, a request for more frames; `frame_sampling="random"` draws the frames as the
+    original's training data loading does).
 
     Returns RGB frames `(num_frames, height, width, 3)` uint8 (any pixel format, bit depth or alpha is converted, the
     container's display rotation applied) and their metadata, whose `timestamps` are the measured presentation times of
@@ -369,8 +404,8 @@ def decode_video(
         whose frames end before the duration its video stream declares, in any container).
     """
     if os.path.isdir(path):
-        return read_frame_folder(path, num_frames, fps, start_time, end_time, folder_fps, max_frames)
-    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames)
+        return read_frame_folder(path, num_frames, fps, start_time, end_time, folder_fps, max_frames, frame_sampling)
+    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames, frame_sampling)
     with PyAVVideoReader(path) as reader:
         if not reader.is_image:
             return _decode_file(reader, sampling)
@@ -387,6 +422,7 @@ class _Sampling:
     start_time: float | None
     end_time: float | None
     max_frames: int | None
+    frame_sampling: FrameSampling = "middle"
 
     @property
     def needs_rate(self) -> bool:
@@ -394,7 +430,8 @@ class _Sampling:
 
     def indices(self, total_num_frames: int, video_fps: float | None) -> list[int]:
         return sample_frame_indices(
-            total_num_frames, self.num_frames, self.fps, video_fps, self.start_time, self.end_time, self.max_frames
+            total_num_frames, self.num_frames, self.fps, video_fps, self.start_time, self.end_time, self.max_frames,
+            self.frame_sampling,
         )
 
 
@@ -461,9 +498,10 @@ def read_frame_folder(
     end_time: float | None = None,
     folder_fps: float | None = None,
     max_frames: int | None = None,
+    frame_sampling: FrameSampling = "middle",
 ) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
     """The frames PPLLaVA samples from a folder of frame images (one file per frame, see `frame_folder_files`), by the
-    same rule as a video file; only the sampled images are read.
+    same rule as a video file (`frame_sampling` included); only the sampled images are read.
 
     `folder_fps`, the rate the frames were extracted at (MVBench's Episodic Reasoning frames: 3), places frame `i` at
     `i / folder_fps` seconds; `fps=`, `start_time` and `end_time` need it. Without bounds the sampled files are the
@@ -478,7 +516,7 @@ def read_frame_folder(
             f"folder. {_what_to_pass_instead(folder)}"
         )
     rate_hint = "pass the rate its frames were extracted at, `folder_fps=...` (MVBench's frame folders: 3)"
-    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames)
+    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames, frame_sampling)
     return _read_frame_files(files, f"the frame folder {folder!r}", folder_fps, rate_hint, sampling)
 
 

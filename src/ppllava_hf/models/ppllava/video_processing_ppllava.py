@@ -20,7 +20,13 @@ from transformers.processing_utils import Unpack, VideosKwargs
 from transformers.video_utils import VideoMetadata
 
 from .transformers_internals_ppllava import VideoProcessorMixin
-from .video_decoding_ppllava import PPLLaVAVideoMetadata, decode_video, read_frame_image, sample_frame_indices
+from .video_decoding_ppllava import (
+    FrameSampling,
+    PPLLaVAVideoMetadata,
+    decode_video,
+    read_frame_image,
+    sample_frame_indices,
+)
 
 
 TimeBound = int | float | list[int | float | None] | None
@@ -42,6 +48,9 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     max_num_frames (`int`):
         The most frames one video may be sampled to (`num_frames`, `fps` or every frame): a larger request is refused
         before any frame is decoded.
+    frame_sampling (`"middle"` or `"random"`):
+        Which frame of each segment is sampled: the middle one (PPLLaVA's rule at inference, the default) or a random
+        one, as the original's training data loading draws them (see `random_segment_indices`); for training only.
     """
 
     resize_mode: Literal["squash", "letterbox"]
@@ -50,6 +59,7 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     max_visual_tokens: int | None
     add_timestamps: bool
     max_num_frames: int
+    frame_sampling: FrameSampling
 
 
 class PPLLaVAVideoProcessor(VideoProcessorMixin):
@@ -85,6 +95,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
     num_frames = 32
     fps = None
     max_num_frames = 2048
+    frame_sampling = "middle"
     return_metadata = False
     frames_per_chunk = 8
 
@@ -130,6 +141,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             do_sample_frames=options["do_sample_frames"],
             video_metadata=options["video_metadata"],
             max_num_frames=options["max_num_frames"],
+            frame_sampling=options["frame_sampling"],
         )
         pixel_values = [self.transform(clip, **options) for clip in clips]
         if len({tuple(video.shape) for video in pixel_values}) == 1:
@@ -151,11 +163,14 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         do_sample_frames: bool | None = None,
         video_metadata: VideoMetadata | dict | list | None = None,
         max_num_frames: int | None = None,
+        frame_sampling: FrameSampling | None = None,
     ) -> tuple[list[torch.Tensor], list[PPLLaVAVideoMetadata]]:
         """uint8 frames `(T, 3, H, W)` and metadata of every video (see `canonical_videos` for the accepted nestings):
         files decoded and sampled, frame arrays converted (and sampled when `do_sample_frames=True`); a sampling
-        request for more than `max_num_frames` frames (default: the processor's) is refused before decoding."""
+        request for more than `max_num_frames` frames (default: the processor's) is refused before decoding, and
+        `frame_sampling` (default: the processor's) picks the frame of each segment."""
         max_num_frames = max_num_frames or self.max_num_frames
+        frame_sampling = frame_sampling or self.frame_sampling
         videos = canonical_videos(videos)
         if not videos:
             raise ValueError("No videos given.")
@@ -168,12 +183,16 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             sample = do_sample_frames is not False if is_file else do_sample_frames is True
             count, rate = (num_frames, fps) if sample else (None, None)
             if is_file:
-                frames, meta = decode_video(video, count, rate, start, end, max_frames=max_num_frames)
+                frames, meta = decode_video(
+                    video, count, rate, start, end, max_frames=max_num_frames, frame_sampling=frame_sampling
+                )
                 clip = to_uint8_rgb_frames(frames)
             else:
                 clip = to_uint8_rgb_frames(video)
                 meta = _array_metadata(len(clip), clip.shape[-2:], meta)
-                indices = sample_frame_indices(len(clip), count, rate, meta.fps, start, end, max_num_frames)
+                indices = sample_frame_indices(
+                    len(clip), count, rate, meta.fps, start, end, max_num_frames, frame_sampling
+                )
                 clip = clip[indices]
                 meta.frames_indices = indices
             clips.append(clip)
