@@ -5,16 +5,18 @@
     # replace the shipped model folder:
     python examples/train_embedded_default.py --output-dir src/ppllava_hf/testing/embedded_default_model
 
-The stages, each seeded:
+The stages, each seeded (a rerun on the same software gives the same weights):
 1. tokenizers: the tiny BPEs of `ppllava_hf.testing.tiny`, trained on the world's questions and answers (free-form and
    as MVBench asks them) in the Vicuna template, so that the world's words are whole tokens;
 2. clips: `--train-clips` clips of the world written as H.264 files, with their questions;
 3. alignment (our own loop, the analogue of the CLIP pretraining PPLLaVA starts from): the vision tower, BT-Adapter,
    prompt encoder and alignment heads learn to put the relevance of a question on the patches of the ball it is about:
    the model's own per-clip relevance against the ball's patches, a batch-wide contrast of each prompt with the
-   patches of every clip, and each ball patch against the six colour phrases;
-4. SFT with `PPLLaVASFTTrainer` on every text question of every clip, free-form and as multiple choice (the vision
-   tower keeps learning, so that its features carry what the answers need);
+   patches of every clip, each ball patch against the six colour phrases, and a linear read-out of each ball patch's
+   direction (so that the patches carry where the ball goes; the read-out is then dropped);
+4. SFT with `PPLLaVASFTTrainer` on every text question of every clip, free-form and as multiple choice, frames drawn at
+   random inside their segments, as a curriculum (`--sft-phases`: one kind of question at a time, then all); the
+   vision side stays as stage 3 left it;
 5. evaluation on `--eval-clips` held-out clips drawn with a seed training never used (`world_evaluation`).
 
 It saves the model and processor into --output-dir (an ordinary model folder, what `build_embedded_default` reads)
@@ -31,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from datasets import Dataset
+from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from ppllava_hf import PPLLaVAForConditionalGeneration, PPLLaVAProcessor
-from ppllava_hf.models.ppllava.transformers_internals_ppllava import vision_position_embeddings
 from ppllava_hf.evaluation.prompts import MVBENCH_ANSWER_PREFILL, mvbench_answer, mvbench_prompt
+from ppllava_hf.models.ppllava.transformers_internals_ppllava import vision_position_embeddings
 from ppllava_hf.testing.embedded_default import (
     EMBEDDED_DEFAULT_MAX_NEW_TOKENS,
     EMBEDDED_DEFAULT_NUM_FRAMES,
@@ -53,7 +55,7 @@ from ppllava_hf.testing.synthetic_world import (
     world_sentences,
 )
 from ppllava_hf.testing.tiny import TINY_CORPUS, tiny_prompt_tokenizer, tiny_tokenizer
-from ppllava_hf.testing.world_evaluation import evaluate_on_fresh_clips
+from ppllava_hf.testing.world_evaluation import TEXT_KINDS, evaluate_on_fresh_clips
 from ppllava_hf.training.freezing import LANGUAGE_MODEL, LM_HEAD, PROJECTOR, parameter_groups
 from ppllava_hf.training.sft import PPLLaVASFTConfig, PPLLaVASFTTrainer
 
@@ -68,16 +70,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--output-dir", required=True, type=Path, help="Where the model folder goes.")
-    parser.add_argument("--train-clips", type=int, default=600)
-    parser.add_argument("--alignment-steps", type=int, default=200)
+    parser.add_argument("--train-clips", type=int, default=2000)
+    parser.add_argument("--alignment-steps", type=int, default=400)
     parser.add_argument("--alignment-batch-size", type=int, default=12)
     parser.add_argument("--alignment-learning-rate", type=float, default=2e-3)
-    parser.add_argument("--sft-epochs", type=float, default=2.0)
+    parser.add_argument("--direction-weight", type=float, default=4.0,
+                        help="Weight of the alignment stage's direction read-out loss against its other losses.")
+    parser.add_argument("--sft-phases", type=sft_phases, default="colour:300,direction:1100,all:700,colour:150,all:300",
+                        help="The SFT curriculum: comma-separated KIND:STEPS, each phase on the questions of one kind "
+                             "(colour, direction, existence, count) or all of them.")
     parser.add_argument("--sft-batch-size", type=int, default=8)
-    parser.add_argument("--sft-learning-rate", type=float, default=2e-3)
+    parser.add_argument("--sft-learning-rate", type=float, default=1e-3)
     parser.add_argument("--eval-clips", type=int, default=100)
     parser.add_argument("--work-dir", type=Path, help="Where the training clips go (default: a temporary folder).")
     return parser.parse_args(argv)
+
+
+def sft_phases(text: str) -> list[tuple[str, int]]:
+    """`"colour:300,all:1000"` -> `[("colour", 300), ("all", 1000)]`."""
+    phases = []
+    for phase in text.split(","):
+        kind, _, steps = phase.partition(":")
+        if kind not in (*TEXT_KINDS, "all") or not steps.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{phase!r} is not KIND:STEPS with KIND one of {', '.join(TEXT_KINDS)} or all (e.g. colour:300)."
+            )
+        phases.append((kind, int(steps)))
+    return phases
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,16 +148,17 @@ def embedded_default_processor() -> PPLLaVAProcessor:
 # 2. Clips and questions
 
 
-def sft_rows(clips: list[Clip], paths: list[str], rng: np.random.Generator) -> list[dict]:
-    """Conversation rows: every text question of every clip, free-form and as multiple choice."""
-    rows = []
+def sft_rows(clips: list[Clip], paths: list[str], rng: np.random.Generator) -> dict[str, list[dict]]:
+    """Conversation rows by question kind: every text question of every clip, free-form and as multiple choice."""
+    rows = {kind: [] for kind in TEXT_KINDS}
     for index, (clip, path) in enumerate(zip(clips, paths)):
         for question in questions(clip, rng):
             if question.kind == "when":
                 continue
-            rows.append(_row(question.text, free_form_answer(question), path, None, f"{index}-{question.kind}"))
+            row_id = f"{index}-{question.kind}-{len(rows[question.kind])}"
+            rows[question.kind].append(_row(question.text, free_form_answer(question), path, None, row_id))
             user, assistant, pooling_prompt = multiple_choice_turns(question)
-            rows.append(_row(user, assistant, path, pooling_prompt, f"{index}-{question.kind}-mcq"))
+            rows[question.kind].append(_row(user, assistant, path, pooling_prompt, f"{row_id}-mcq"))
     return rows
 
 
@@ -198,8 +218,10 @@ def referent_coverage(clip: AlignmentClip, referent: str) -> torch.Tensor:
 
 
 def alignment_losses(model: PPLLaVAForConditionalGeneration, processor: PPLLaVAProcessor, direction_head: nn.Linear,
-                     batch: list[AlignmentClip], prompts: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """The four alignment losses of one batch (one prompt per clip), see the module docstring."""
+                     batch: list[AlignmentClip], prompts: list[tuple[str, str]],
+                     direction_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """The four alignment losses of one batch (one prompt per clip), see the module docstring; the direction loss comes
+    weighted by `direction_weight`."""
     core, alignment = model.model, model.model.prompt_alignment
     frames = batch[0].pixels.shape[0]
     pixels = torch.cat([clip.pixels for clip in batch]).float()
@@ -245,7 +267,8 @@ def alignment_losses(model: PPLLaVAForConditionalGeneration, processor: PPLLaVAP
         "per_clip": per_clip,
         "across_clips": across,
         "colours": F.cross_entropy(scale * patches.reshape(-1, patches.shape[-1])[solid] @ colour_embeds.T, colour),
-        "directions": F.cross_entropy(direction_head(features.reshape(-1, features.shape[-1])[solid]), direction),
+        "directions": direction_weight
+        * F.cross_entropy(direction_head(features.reshape(-1, features.shape[-1])[solid]), direction),
     }
 
 
@@ -273,7 +296,7 @@ def initialise_positions(model: PPLLaVAForConditionalGeneration) -> None:
 
 def align_prompts_with_patches(
     model: PPLLaVAForConditionalGeneration, processor: PPLLaVAProcessor, clips: list[AlignmentClip], steps: int,
-    batch_size: int, learning_rate: float, rng: np.random.Generator,
+    batch_size: int, learning_rate: float, direction_weight: float, rng: np.random.Generator,
 ) -> None:
     """Stage 3: train the vision tower, BT-Adapter, prompt encoder and alignment heads on `alignment_losses`."""
     core = model.model
@@ -288,7 +311,7 @@ def align_prompts_with_patches(
     for step in range(1, steps + 1):
         chosen = [clips[index] for index in rng.choice(len(clips), batch_size, replace=False)]
         prompts = [clip.prompts[int(rng.integers(len(clip.prompts)))] for clip in chosen]
-        losses = alignment_losses(model, processor, direction_head, chosen, prompts)
+        losses = alignment_losses(model, processor, direction_head, chosen, prompts, direction_weight)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
@@ -307,25 +330,31 @@ def align_prompts_with_patches(
 
 
 def supervised_fine_tuning(
-    model: PPLLaVAForConditionalGeneration, processor: PPLLaVAProcessor, rows: list[dict], media_folder: Path,
-    output_dir: Path, steps: int, batch_size: int, learning_rate: float,
+    model: PPLLaVAForConditionalGeneration, processor: PPLLaVAProcessor, rows: dict[str, list[dict]],
+    media_folder: Path, output_dir: Path, phases: list[tuple[str, int]], batch_size: int, learning_rate: float,
 ) -> None:
-    """`steps` steps of SFT on `rows` with the package's trainer. Only the projector and the language model learn: the
-    vision side (tower, BT-Adapter, prompt encoder, alignment) stays as stage 3 left it, so that the relevance still
-    finds the ball, and the tokens carry what stage 3 put in them."""
+    """SFT with the package's trainer, one run per curriculum phase (`rows` of one kind, or all, for its steps). Trained
+    on all kinds at once from the start, the tiny LLM settles on each kind's most common answer and takes thousands of
+    steps to find the colour and direction in the tokens; a phase of each alone finds them in hundreds. Only the
+    projector and the language model learn: the vision side (tower, BT-Adapter, prompt encoder, alignment) stays as
+    stage 3 left it, so that the relevance still finds the ball."""
     for group, parameters in parameter_groups(model).items():
         for parameter in parameters:
             parameter.requires_grad_(group in (PROJECTOR, LANGUAGE_MODEL, LM_HEAD))
-    args = PPLLaVASFTConfig(
+    settings = dict(
         output_dir=str(output_dir), media_folder=str(media_folder), on_bad_row="raise", use_cpu=True, bf16=False,
         activation_checkpointing=False, report_to=[], save_strategy="no", per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
-        max_steps=steps, logging_steps=50, seed=TRAIN_SEED, disable_tqdm=True,
+        logging_steps=100, seed=TRAIN_SEED, disable_tqdm=True, frame_sampling="random",
         # One worker decodes the next batch's videos while the main process trains on this one.
         dataloader_num_workers=1,
     )
-    trainer = PPLLaVASFTTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor)
-    trainer.train()
+    for kind, steps in phases:
+        phase_rows = [row for name in TEXT_KINDS for row in rows[name]] if kind == "all" else rows[kind]
+        print(f"sft        {steps} steps on {len(phase_rows)} {kind} conversations", flush=True)
+        trainer = PPLLaVASFTTrainer(model, args=PPLLaVASFTConfig(max_steps=steps, **settings),
+                                    train_dataset=Dataset.from_list(phase_rows), processing_class=processor)
+        trainer.train()
     model.eval()
 
 
@@ -342,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(TRAIN_SEED)
     processor = embedded_default_processor()
     model = PPLLaVAForConditionalGeneration(embedded_default_config())
+    initialise_positions(model)
     model.generation_config.max_new_tokens = EMBEDDED_DEFAULT_MAX_NEW_TOKENS
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or Path(scratch)
@@ -354,12 +384,12 @@ def main(argv: list[str] | None = None) -> None:
         prepared = alignment_clips(clips, [str(clip_dir / path) for path in paths], processor, rng)
         print(f"alignment  {len(prepared)} clips decoded ({time.perf_counter() - began:.0f} s)", flush=True)
         align_prompts_with_patches(model, processor, prepared, args.alignment_steps, args.alignment_batch_size,
-                                   args.alignment_learning_rate, rng)
+                                   args.alignment_learning_rate, args.direction_weight, rng)
         del prepared
 
         rows = sft_rows(clips, paths, rng)
-        print(f"sft        {len(rows)} conversations ({time.perf_counter() - began:.0f} s)", flush=True)
-        supervised_fine_tuning(model, processor, rows, clip_dir, work_dir / "sft", args.sft_epochs, args.sft_batch_size,
+        print(f"sft        {sum(map(len, rows.values()))} conversations ({time.perf_counter() - began:.0f} s)", flush=True)
+        supervised_fine_tuning(model, processor, rows, clip_dir, work_dir / "sft", args.sft_phases, args.sft_batch_size,
                                args.sft_learning_rate)
     trained = time.perf_counter() - began
     model.save_pretrained(args.output_dir)
