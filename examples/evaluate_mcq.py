@@ -2,7 +2,7 @@
 
     python examples/evaluate_mcq.py --data mvbench.json --video-root /data/MVBench/video --model path/to/ppllava \
         --output results.json --num-frames 32
-    # the embedded default on a 6-question sample about the quickstart's clip (random model: chance-level accuracy)
+    # the embedded default on a 6-question sample about the quickstart's clip
     python examples/evaluate_mcq.py --data examples/data/red_ball_mcq.json --video-root quickstart-output --output results.json
 
 --data: a JSON list of {"video", "question", "candidates": [...], "answer": <one of the candidates>, "task_type"}, with

@@ -16,8 +16,9 @@ from ppllava_hf.testing.embedded_default import build_embedded_default
 
 
 EMBEDDED_DEFAULT_NOTE = (
-    "The embedded default has random weights, so its words are random too; everything around them (decoding, "
-    "prompt-guided pooling, generation) is the real pipeline. Pass --model with converted PPLLaVA weights for real answers."
+    "The embedded default is a tiny PPLLaVA trained on synthetic clips of coloured balls crossing the frame "
+    "(ppllava_hf.testing.synthetic_world): it answers questions about such clips (colour, direction, is there a ball, "
+    "how many) and knows nothing else. Pass --model with converted PPLLaVA weights for real questions."
 )
 
 
@@ -26,8 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=None,
-        help="PPLLaVA folder or Hub id (e.g. a converted checkpoint). Default: the embedded default, a tiny random "
-             "PPLLaVA built locally (random answers, no download).",
+        help="PPLLaVA folder or Hub id (e.g. a converted checkpoint). Default: the embedded default, a tiny PPLLaVA "
+             "trained on synthetic ball clips, shipped with the package (no download).",
     )
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="Weights dtype (auto: the checkpoint's).")

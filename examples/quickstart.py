@@ -3,9 +3,10 @@ matches the question (relevance heatmap and timeline).
 
     python examples/quickstart.py --output-dir quickstart-output
 
-With no --model it runs the embedded default: a tiny random PPLLaVA built locally (fixed seed, no download) on a
-4-second sample clip of a red ball crossing a meadow, written with PyAV. Its answer is random words (the weights are
-random); the pipeline is the real one. It leaves in --output-dir:
+With no --model it runs the embedded default: a tiny PPLLaVA trained on synthetic clips of coloured balls (shipped with
+the package, no download), on a 4-second sample clip of that world, a red ball crossing a meadow, written with PyAV.
+It answers where the ball goes, finds when and where it is in view, and says how close both come to the truth.
+It leaves in --output-dir:
   model/         the embedded default as an ordinary model folder (AutoModelForImageTextToText / AutoProcessor after
                  `import ppllava_hf`), for the other examples (--model DIR/model) and your own code
   sample.mp4     the sample clip
@@ -23,7 +24,8 @@ import torch
 from ppllava_cli import EMBEDDED_DEFAULT_NOTE, add_model_arguments, load_model
 
 from ppllava_hf.relevance import VideoRelevance, known_timestamps, model_view_frames
-from ppllava_hf.testing.embedded_default import BALL_ENTERS, BALL_LEAVES, SAMPLE_QUESTION, write_sample_video
+from ppllava_hf.testing.embedded_default import SAMPLE_CLIP, SAMPLE_QUESTION, write_sample_video
+from ppllava_hf.testing.world_evaluation import ball_patch_shares, interval_iou
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(args)
     model, processor = loaded.model, loaded.processor
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    source = "embedded default (tiny random PPLLaVA, Vicuna layout, seed 0)" if loaded.is_embedded_default else args.model
+    source = "embedded default (tiny PPLLaVA trained on synthetic ball clips, Vicuna layout)" if loaded.is_embedded_default else args.model
     print(f"model      {source}: {parameters / 1e6:.2f}M parameters, {model.dtype}, {model.device} "
           f"(ready in {loaded.load_seconds:.2f} s)")
     if loaded.is_embedded_default:
@@ -52,9 +54,12 @@ def main(argv: list[str] | None = None) -> None:
         processor.save_pretrained(args.output_dir / "model")
 
     video = args.video
+    (ball,) = SAMPLE_CLIP.balls
+    in_view = SAMPLE_CLIP.visible_interval(ball)
     if video is None:
         video = write_sample_video(args.output_dir / "sample.mp4")
-        print(f"video      {video} (a red ball crosses the frame from {BALL_ENTERS:.1f} s to {BALL_LEAVES:.1f} s)")
+        print(f"video      {video} (a red ball rolls {ball.direction} across a meadow, in view {in_view[0]:.1f}-"
+              f"{in_view[1]:.1f} s)")
     else:
         print(f"video      {video}")
     print(f"question   {args.question}")
@@ -111,12 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     heatmap_size = result.save_heatmap(args.output_dir / "heatmap.png")
     result.save_timeline(args.output_dir / "timeline.png", top_k=args.top_k)
-    print("when       the moments most relevant to the question (PPLLaVA's own alignment, zero-shot):")
-    for number, moment in enumerate(result.top_time_ranges(args.top_k), 1):
+    print("when       the moments most relevant to the question (PPLLaVA's own vision-prompt alignment):")
+    moments = result.top_time_ranges(args.top_k)
+    for number, moment in enumerate(moments, 1):
         print(f"           #{number} {moment}")
-    if loaded.is_embedded_default:
-        print(f"           (random alignment weights, so these moments are arbitrary; the ball is in view "
-              f"{BALL_ENTERS:.1f}-{BALL_LEAVES:.1f} s)")
+    if args.video is None:
+        iou = interval_iou((moments[0].start, moments[0].end), in_view)
+        print(f"           (the ball is in view {in_view[0]:.1f}-{in_view[1]:.1f} s: IoU {iou:.2f} with #1)")
+        on_ball, area = ball_patch_shares(SAMPLE_CLIP, [ball], relevance, timestamps)
+        print(f"where      {on_ball:.0%} of the relevance lies on the ball's patches, {area:.0%} of all patches")
     print(f"wrote      {args.output_dir / 'heatmap.png'} ({heatmap_size[0]}x{heatmap_size[1]}), "
           f"{args.output_dir / 'timeline.png'} ({time.perf_counter() - start:.2f} s)")
     if loaded.is_embedded_default:

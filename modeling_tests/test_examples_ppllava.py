@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from ppllava_hf import PPLLaVAForConditionalGeneration, PPLLaVAModel, PPLLaVAProcessor
 from ppllava_hf.relevance import relevance_grid_size
-from ppllava_hf.testing.embedded_default import build_embedded_default
+from ppllava_hf.testing.embedded_default import SAMPLE_ANSWER, build_embedded_default
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,13 +74,14 @@ def test_readme_starts_with_setup_plus_quickstart_then_the_test_command_that_ci_
                              "make_environment newest lmms-eval", "run_suite newest"]
 
 
-def test_readme_quickstart_prints_token_counts_answer_and_moments(quickstart):
+def test_readme_quickstart_prints_token_counts_the_right_answer_and_the_moment_the_ball_is_in_view(quickstart):
     _, stdout = quickstart
     assert "16 frames x 6x6 patches = 576 patch features -> 32 pooled tokens" in stdout
-    assert re.search(r"answer +'.+'", stdout)
-    assert re.search(r"32 tokens in [\d.]+ s", stdout)
-    assert "random weights, so its words are random" in stdout
+    assert f"answer     '{SAMPLE_ANSWER}'" in stdout
     assert re.search(r"#1 \d+\.\d\d-\d+\.\d\ds \(peak", stdout)
+    assert float(re.search(r"IoU ([\d.]+) with #1", stdout).group(1)) >= 0.5
+    on_ball, area = map(int, re.search(r"(\d+)% of the relevance lies on the ball's patches, (\d+)%", stdout).groups())
+    assert on_ball >= 80 and area <= 10
 
 
 def test_readme_quickstart_writes_heatmap_and_timeline_pngs_of_the_expected_size(quickstart):

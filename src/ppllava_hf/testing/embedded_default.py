@@ -1,48 +1,81 @@
-"""The embedded default: a tiny random PPLLaVA and a short sample clip, both made locally, so that the examples and
-tests run the whole pipeline (decode → processor → vision tower → prompt-guided pooling → generate) with no download.
+"""The embedded default: a tiny PPLLaVA trained on the synthetic ball world (`testing.synthetic_world`), shipped with the
+package, and a short sample clip of that world, so that the examples and tests run the whole pipeline (decode →
+processor → vision tower → prompt-guided pooling → generate) with no download, and get right answers.
 
-The model's weights are random (fixed seed), so what it says is random too; its shapes, tokenizers, chat template and
-code paths are those of a real Vicuna-layout PPLLaVA (CLIP vision tower with a BT-Adapter, CLIP prompt encoder, Llama).
+It is a Vicuna-layout PPLLaVA (CLIP vision tower with a BT-Adapter, CLIP prompt encoder, Llama) of tiny shapes, trained
+from scratch on CPU by `examples/train_embedded_default.py`: a contrastive stage that aligns the vision patches with the
+prompt encoder, then SFT with `PPLLaVASFTTrainer`. It knows balls of six colours crossing a frame and nothing else; real
+questions need converted checkpoints. It ships as an ordinary model folder (config, safetensors weights, processor) in
+`ppllava_hf/testing/embedded_default_model/`, package data. Random-weight tiny models come from `testing.tiny`.
 """
 
-from fractions import Fraction
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ..models.ppllava.configuration_ppllava import PPLLaVAConfig
 from ..models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
-from .tiny import tiny_config, tiny_processor
+from .synthetic_world import GRASS, SKY, Background, Ball, Clip
+from .tiny import tiny_config
 
 
-EMBEDDED_DEFAULT_SEED = 0
+EMBEDDED_DEFAULT_FOLDER_NAME = "embedded_default_model"
 EMBEDDED_DEFAULT_NUM_FRAMES = 16
 EMBEDDED_DEFAULT_MAX_NEW_TOKENS = 32
 
 # The sample clip: a red ball rolls from left to right across a meadow under a blue sky, in view from BALL_ENTERS to
 # BALL_LEAVES seconds; before and after, the scene is empty. A question about the ball has a spatial answer (where it
 # is in each frame) and a temporal one (when it is in view), which is what the relevance heatmap and timeline show.
-SAMPLE_SECONDS = 4.0
-SAMPLE_FPS = 10
-SAMPLE_HEIGHT, SAMPLE_WIDTH = 96, 128
 BALL_ENTERS, BALL_LEAVES = 1.0, 3.0
-BALL_RADIUS = 10
+SAMPLE_CLIP = Clip(
+    seconds=4.0,
+    fps=10,
+    height=96,
+    width=128,
+    background=Background("meadow", (SKY, GRASS), horizon=0.6),
+    balls=(Ball("red", "medium", "from left to right", BALL_ENTERS, BALL_LEAVES, lane=0.7),),
+)
 SAMPLE_QUESTION = "Where does the red ball go?"
+SAMPLE_ANSWER = "From left to right."
+
+
+def embedded_default_folder() -> Path:
+    """The shipped model folder, inside the installed package."""
+    return Path(str(resources.files(__package__) / EMBEDDED_DEFAULT_FOLDER_NAME))
+
+
+def embedded_default_config() -> PPLLaVAConfig:
+    """The embedded default's shapes: `tiny_config("vicuna")` with vocabularies of 500 LLM tokens (then `<image>`,
+    `<video>`; 512 embedding rows) and 256 prompt tokens, room enough for the world's words to be whole tokens, and a
+    4-layer Llama: a direction is where the ball's tokens are early against where they are late, a comparison that two
+    layers do not learn on a CPU budget."""
+    config = tiny_config("vicuna", vocab_size=512, image_token_id=500, video_token_id=501, prompt_vocab_size=256)
+    config.text_config.num_hidden_layers = 4
+    config.text_config.layer_types = ["full_attention"] * 4
+    return config
 
 
 def build_embedded_default(
-    num_frames: int = EMBEDDED_DEFAULT_NUM_FRAMES, seed: int = EMBEDDED_DEFAULT_SEED
+    num_frames: int = EMBEDDED_DEFAULT_NUM_FRAMES, folder: str | Path | None = None
 ) -> tuple[PPLLaVAForConditionalGeneration, PPLLaVAProcessor]:
-    """The tiny Vicuna-layout PPLLaVA (random weights drawn with `seed`, in float32, eval mode) and its processor
-    (tiny BPE tokenizers trained locally), sampling `num_frames` frames per video. The same seed gives the same
-    weights, without touching the caller's random state."""
-    config = tiny_config("vicuna")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = PPLLaVAForConditionalGeneration(config).eval()
+    """The trained embedded default (float32, eval mode) and its processor sampling `num_frames` frames per video, read
+    from `folder` (default: the shipped one). Weights that do not fill the model exactly raise a `ValueError` naming
+    the keys, instead of leaving them randomly initialised."""
+    folder = Path(folder or embedded_default_folder())
+    model, loading = PPLLaVAForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    problems = [f"{kind.replace('_', ' ')} {sorted(keys)}" for kind, keys in loading.items() if kind != "error_msgs" and keys]
+    if problems:
+        raise ValueError(
+            f"The weights in {folder} do not fit the embedded default ({'; '.join(problems)}); write them again with "
+            "`python examples/train_embedded_default.py --output-dir <that folder>`."
+        )
+    model.eval()
     model.generation_config.max_new_tokens = EMBEDDED_DEFAULT_MAX_NEW_TOKENS
-    return model, tiny_processor(config, num_frames=num_frames)
+    processor = PPLLaVAProcessor.from_pretrained(folder)
+    processor.video_processor.num_frames = num_frames
+    return model, processor
 
 
 def save_embedded_default(folder: str | Path, num_frames: int = EMBEDDED_DEFAULT_NUM_FRAMES) -> Path:
@@ -57,37 +90,27 @@ def save_embedded_default(folder: str | Path, num_frames: int = EMBEDDED_DEFAULT
 
 
 def sample_frame(time: float) -> np.ndarray:
-    """The sample clip's RGB frame `(SAMPLE_HEIGHT, SAMPLE_WIDTH, 3)` uint8 at `time` seconds."""
-    frame = np.empty((SAMPLE_HEIGHT, SAMPLE_WIDTH, 3), np.uint8)
-    horizon = SAMPLE_HEIGHT * 3 // 5
-    frame[:horizon] = (110, 170, 230)
-    frame[horizon:] = (70, 150, 60)
-    if BALL_ENTERS <= time < BALL_LEAVES:
-        progress = (time - BALL_ENTERS) / (BALL_LEAVES - BALL_ENTERS)
-        centre_x = -BALL_RADIUS + progress * (SAMPLE_WIDTH + 2 * BALL_RADIUS)
-        centre_y = horizon + BALL_RADIUS
-        rows, cols = np.ogrid[:SAMPLE_HEIGHT, :SAMPLE_WIDTH]
-        frame[(rows - centre_y) ** 2 + (cols - centre_x) ** 2 <= BALL_RADIUS**2] = (220, 30, 30)
-    return frame
+    """The sample clip's RGB frame `(96, 128, 3)` uint8 at `time` seconds."""
+    return SAMPLE_CLIP.frame(time)
 
 
 def write_sample_video(path: str | Path) -> Path:
-    """Encode the sample clip (`SAMPLE_SECONDS` s at `SAMPLE_FPS` fps, H.264 in the container of `path`'s suffix,
-    a few kB) with PyAV and return `path`."""
-    import av
-
-    path = Path(path)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(SAMPLE_FPS))
-        stream.height, stream.width, stream.pix_fmt = SAMPLE_HEIGHT, SAMPLE_WIDTH, "yuv420p"
-        frames = [
-            av.VideoFrame.from_ndarray(sample_frame(index / SAMPLE_FPS), format="rgb24")
-            for index in range(round(SAMPLE_SECONDS * SAMPLE_FPS))
-        ]
-        for frame in [*frames, None]:
-            for packet in stream.encode(frame):
-                container.mux(packet)
-    return path
+    """Encode the sample clip (4 s at 10 fps, H.264 in the container of `path`'s suffix, a few kB) with PyAV and
+    return `path`."""
+    return SAMPLE_CLIP.write(path)
 
 
-__all__ = ["build_embedded_default", "sample_frame", "save_embedded_default", "write_sample_video"]
+__all__ = [
+    "BALL_ENTERS",
+    "BALL_LEAVES",
+    "EMBEDDED_DEFAULT_NUM_FRAMES",
+    "SAMPLE_ANSWER",
+    "SAMPLE_CLIP",
+    "SAMPLE_QUESTION",
+    "build_embedded_default",
+    "embedded_default_config",
+    "embedded_default_folder",
+    "sample_frame",
+    "save_embedded_default",
+    "write_sample_video",
+]

@@ -148,9 +148,9 @@ _LLM_SPECIALS = {"vicuna": ("<unk>", "<s>", "</s>"), "qwen": ("<|endoftext|>", "
 
 
 def tiny_tokenizer(
-    layout: Layout = "vicuna", image_token_id: int = 300, video_token_id: int = 301
+    layout: Layout = "vicuna", image_token_id: int = 300, video_token_id: int = 301, corpus: str = TINY_CORPUS
 ) -> PreTrainedTokenizerBase:
-    """A small trained BPE tokenizer for the LLM of `layout`, with `<image>` and `<video>` at the given ids.
+    """A small BPE tokenizer for the LLM of `layout` trained on `corpus`, with `<image>` and `<video>` at the given ids.
 
     `vicuna`: a `LlamaTokenizer` (Metaspace BPE) with `<unk>`=0 (also padding), `<s>`=1 (added in front), `</s>`=2.
     `qwen`: a `Qwen2Tokenizer` (byte-level BPE) with `<|endoftext|>`=0 (padding), `<|im_start|>`=1, `<|im_end|>`=2 (EOS).
@@ -161,7 +161,7 @@ def tiny_tokenizer(
         raise ValueError(
             f"image_token_id and video_token_id must be consecutive, got {image_token_id} and {video_token_id}."
         )
-    vocab, merges = _train_llm_bpe(layout, first)
+    vocab, merges = _train_llm_bpe(layout, first, corpus)
     vocab = {**vocab, "<image>": image_token_id, "<video>": video_token_id}
     placeholders = {"image_token": "<image>", "video_token": "<video>"}
     unk, bos, eos = _LLM_SPECIALS[layout]
@@ -185,8 +185,10 @@ def character_tokenizer(layout: Layout = "vicuna") -> PreTrainedTokenizerBase:
     return tiny_tokenizer(layout, alphabet, alphabet + 1)
 
 
-def tiny_prompt_tokenizer(layout: Layout = "vicuna", vocab_size: int = 128) -> PreTrainedTokenizerBase:
-    """A small trained tokenizer for the prompt encoder of `layout`, `vocab_size` ids in all.
+def tiny_prompt_tokenizer(
+    layout: Layout = "vicuna", vocab_size: int = 128, corpus: str = TINY_CORPUS
+) -> PreTrainedTokenizerBase:
+    """A small tokenizer for the prompt encoder of `layout` trained on `corpus`, `vocab_size` ids in all.
 
     `vicuna`: a `CLIPTokenizer` (lower-cased byte-level BPE with `</w>` word ends) whose `<|startoftext|>` and
     `<|endoftext|>` are the two highest ids, as in CLIP (the CLIP text model pools at the highest id); it pads with
@@ -194,10 +196,10 @@ def tiny_prompt_tokenizer(layout: Layout = "vicuna", vocab_size: int = 128) -> P
     highest id, and pads with it.
     """
     if layout == "vicuna":
-        vocab, merges = _train_prompt_bpe(layout, vocab_size - 2)
+        vocab, merges = _train_prompt_bpe(layout, vocab_size - 2, corpus)
         vocab = {**vocab, "<|startoftext|>": vocab_size - 2, "<|endoftext|>": vocab_size - 1}
         return CLIPTokenizer(vocab=vocab, merges=merges)
-    vocab, merges = _train_prompt_bpe(layout, vocab_size - 1)
+    vocab, merges = _train_prompt_bpe(layout, vocab_size - 1, corpus)
     vocab = {**vocab, "</s>": vocab_size - 1}
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tokenizer.normalizer, tokenizer.pre_tokenizer = _text_pipeline(layout, "prompt")
@@ -230,8 +232,11 @@ def _text_pipeline(layout: Layout, role: str):
 
 
 @functools.cache
-def _train_llm_bpe(layout: Layout, vocab_size: int | None) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The tiny LLM vocabulary of `layout`, `vocab_size` ids in all (`None`: its special tokens and characters only)."""
+def _train_llm_bpe(
+    layout: Layout, vocab_size: int | None, corpus: str = TINY_CORPUS
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny LLM vocabulary of `layout` trained on `corpus`, `vocab_size` ids in all (`None`: its special tokens and
+    characters only)."""
     if layout not in _LLM_SPECIALS:
         raise ValueError(f"layout must be 'vicuna' or 'qwen', got {layout!r}.")
     tokenizer = Tokenizer(BPE(unk_token=_LLM_SPECIALS[layout][0] if layout == "vicuna" else None))
@@ -241,11 +246,11 @@ def _train_llm_bpe(layout: Layout, vocab_size: int | None) -> tuple[dict[str, in
         vocab_size=vocab_size or 0, special_tokens=list(_LLM_SPECIALS[layout]), initial_alphabet=alphabet,
         show_progress=False,
     )
-    return _train(tokenizer, trainer, vocab_size, [TINY_CORPUS, _LLM_CORPUS_EXTRA])
+    return _train(tokenizer, trainer, vocab_size, [corpus, _LLM_CORPUS_EXTRA])
 
 
 @functools.cache
-def _train_prompt_bpe(layout: Layout, vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _train_prompt_bpe(layout: Layout, vocab_size: int, corpus: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     if layout not in _LLM_SPECIALS:
         raise ValueError(f"layout must be 'vicuna' or 'qwen', got {layout!r}.")
     if layout == "vicuna":
@@ -255,7 +260,7 @@ def _train_prompt_bpe(layout: Layout, vocab_size: int) -> tuple[dict[str, int], 
         tokenizer = Tokenizer(BPE(unk_token="<unk>"))
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False)
     tokenizer.normalizer, tokenizer.pre_tokenizer = _text_pipeline(layout, "prompt")
-    return _train(tokenizer, trainer, vocab_size, [TINY_CORPUS])
+    return _train(tokenizer, trainer, vocab_size, [corpus])
 
 
 def _train(
@@ -268,7 +273,7 @@ def _train(
     vocab, merges = model["vocab"], [tuple(merge) for merge in model["merges"]]
     if vocab_size is not None and len(vocab) != vocab_size:
         raise ValueError(
-            f"The built-in corpus yields {len(vocab)} tokens, not the {vocab_size} requested; pick a smaller "
+            f"The corpus yields {len(vocab)} tokens, not the {vocab_size} requested; pick a smaller "
             "vocabulary (or larger placeholder ids)."
         )
     # The trainer numbers some single characters in hash order: renumber (specials, sorted characters, merges in order).
