@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..evaluation.prompts import BenchmarkPrompt, render_prompt
 from ..relevance import video_relevance
 from .synthetic_world import QUESTION_KINDS, Ball, Clip, Question, questions, sample_clips
 
@@ -128,13 +129,7 @@ def evaluate_on_fresh_clips(model, processor, seed: int, count: int) -> WorldSco
 
 def _answers(model, processor, path: str, asked: Sequence[Question]) -> list[str]:
     """Greedy answers to `asked` about one video, generated as a left-padded batch, each pooled under its question."""
-    prompts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question.text}]}],
-            add_generation_prompt=True, tokenize=False,
-        )
-        for question in asked
-    ]
+    prompts = [render_prompt(processor, BenchmarkPrompt(question.text, question.text)) for question in asked]
     inputs = processor(
         text=prompts, videos=[path] * len(asked), pooling_prompt=[question.text for question in asked],
         padding_side="left",
