@@ -2,6 +2,7 @@
 ones the training script trains and whose training rows start with the prompts it is asked with, and that knows the
 synthetic world on clips it never saw (floors the shipped weights clear with a margin)."""
 
+import argparse
 import configparser
 import fnmatch
 import json
@@ -153,6 +154,27 @@ def test_a_multiple_choice_training_turn_starts_with_the_prompt_evaluate_mcq_ask
         user, assistant, _ = train_embedded_default.multiple_choice_turns(question)
         asked = evaluate_mcq.mcq_prompt(processor, {"question": question.text, "candidates": list(question.options)})
         assert_starts_with(processor, conversation_text(processor, user, assistant), asked)
+
+
+def test_the_sft_curriculum_is_read_as_kind_and_steps_and_a_bad_phase_names_the_kinds():
+    assert train_embedded_default.sft_phases("colour:300,all:1000") == [("colour", 300), ("all", 1000)]
+    for bad in ("color:300", "colour", "colour:many"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"KIND:STEPS with KIND one of colour, direction, .* or all"):
+            train_embedded_default.sft_phases(bad)
+
+
+def test_sft_rows_hold_every_text_question_free_form_and_as_multiple_choice_by_kind():
+    clips = sample_clips(train_embedded_default.TRAIN_SEED, 6)
+    rows = train_embedded_default.sft_rows(clips, [f"{index}.mp4" for index in range(6)], np.random.default_rng(0))
+    asked = [q for clip in clips for q in questions(clip, np.random.default_rng(0)) if q.kind != "when"]
+    assert set(rows) == {"colour", "direction", "existence", "count"}
+    assert {kind: len(kind_rows) for kind, kind_rows in rows.items()} == {
+        kind: 2 * sum(q.kind == kind for q in asked) for kind in rows
+    }
+    for kind_rows in rows.values():
+        free_form, multiple_choice = kind_rows[0::2], kind_rows[1::2]
+        assert all(row["pooling_prompt"] is None for row in free_form)
+        assert all(row["messages"][1]["content"].startswith("Best option:(") for row in multiple_choice)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
