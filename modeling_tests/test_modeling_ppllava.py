@@ -11,6 +11,7 @@ import pytest
 import torch
 from model_tester import PPLLaVAModelTester, record_calls, record_pooling_windows
 from safetensors.torch import load_file, save_file
+from tolerances import float32_forward
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -178,7 +179,7 @@ def test_batch_equals_each_sample_alone(tester):
     samples = [tester.video_sample(before=2), tester.video_sample(before=6), tester.image_sample(), tester.text_sample()]
     batched = attended_logits(tester.model, tester.collate(samples))
     for sample, logits in zip(samples, batched):
-        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], **float32_forward(logits))
 
 
 def test_each_sample_is_pooled_by_its_own_prompt(tester):
@@ -187,7 +188,7 @@ def test_each_sample_is_pooled_by_its_own_prompt(tester):
     logits = attended_logits(tester.model, tester.collate(samples))
     permuted = attended_logits(tester.model, tester.collate([samples[i] for i in order]))
     for position, index in enumerate(order):
-        torch.testing.assert_close(permuted[position], logits[index], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(permuted[position], logits[index], **float32_forward(logits[index]))
     swapped = dict(samples[0], clip_ids=samples[1]["clip_ids"], clip_mask=samples[1]["clip_mask"])
     assert not torch.allclose(attended_logits(tester.model, tester.collate([swapped]))[0], logits[0])
 
@@ -197,7 +198,7 @@ def test_videos_of_different_lengths_in_one_batch(tester):
     batch = tester.collate(samples)
     assert isinstance(batch["pixel_values_videos"], list)
     for sample, logits in zip(samples, attended_logits(tester.model, batch)):
-        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], **float32_forward(logits))
 
 
 def test_mismatched_placeholders_are_reported_with_both_counts(tester):
@@ -369,7 +370,7 @@ def test_a_video_shared_by_two_rows_with_one_prompt_is_encoded_once(tester):
     finally:
         handle.remove()
     for sample, logits in zip([chosen, rejected], pair):
-        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits, attended_logits(tester.model, tester.collate([sample]))[0], **float32_forward(logits))
 
 
 def test_a_sample_with_several_images_pools_each_under_the_sample_prompt(tester):
@@ -458,7 +459,7 @@ def test_a_decoding_step_compiles_as_one_graph_and_gives_the_eager_logits():
                "attention_mask": torch.ones(1, length + 1, dtype=torch.long)}
         ).logits[:, -1:]
     assert PPLLaVAForConditionalGeneration._can_compile_fullgraph
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled, eager, **float32_forward(eager))
 
 
 def test_visual_encoders_run_once_per_generate_even_with_beams(tester):
@@ -575,7 +576,7 @@ def test_sdpa_is_the_default_and_eager_gives_the_same_logits(tester):
     assert eager.model.language_model.config._attn_implementation == "eager"
     batch = tester.collate([tester.video_sample(), tester.image_sample()])
     for eager_logits, sdpa_logits in zip(attended_logits(eager, batch), attended_logits(tester.model, batch)):
-        torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(eager_logits, sdpa_logits, **float32_forward(sdpa_logits))
 
 
 def test_the_modules_kept_out_of_quantization_are_the_visual_parts_the_layout_has(tester):
