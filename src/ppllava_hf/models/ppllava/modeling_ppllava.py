@@ -1258,7 +1258,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             Which samples are multi-image samples (needed when a batch mixes them with anyres images).
         kwargs:
             Passed to the language model, the KV cache included under the name the installed transformers gives it
-            (`past_key_values` up to 5.23, `cache` from 5.24): PPLLaVA itself never reads the cache.
+            (`past_key_values` up to 5.23, `cache` from 5.24). PPLLaVA reads only whether the cache is empty: the
+            placeholders of a prompt must be filled, the tokens of later steps are text.
 
         The output's `last_hidden_state` is exactly as long as `input_ids`: the processor expanded every placeholder.
         """
@@ -1297,9 +1298,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 if bool(mask.any()):
                     inputs_embeds, hidden[modality] = self._scatter(inputs_embeds, mask, encoded.pooler_output, modality)
                     used[modality] = encoded
-            elif inputs_embeds.shape[1] > 1 and not torch.compiler.is_compiling():
-                # Decoding steps carry no placeholders; a prompt's placeholders with nothing to fill them would make
-                # the model answer from the placeholder embeddings.
+            elif not torch.compiler.is_compiling() and _reads_the_prompt(kwargs):
+                # A prompt's placeholders with nothing to fill them would make the model answer from the placeholder
+                # embeddings. Later steps (one token, or several: assisted decoding's candidates) are text, even where
+                # a generated token equals a placeholder id.
                 self._check_no_placeholders(token_id, input_ids, inputs_embeds, modality)
 
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
@@ -1581,6 +1583,12 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     # generate checks its keyword arguments against this method's signature: declare the inherited one, so the cache
     # keeps whichever name the installed transformers gives it (`past_key_values` up to 5.23, `cache` from 5.24).
     prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
+
+
+def _reads_the_prompt(language_model_kwargs: dict) -> bool:
+    """Whether a forward starts the sequence: no KV cache, or an empty one, under either of its names."""
+    cache = language_model_kwargs.get("cache", language_model_kwargs.get("past_key_values"))
+    return cache is None or cache.get_seq_length() == 0
 
 
 def _move_right_padding_left(input_ids: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, dict]:
