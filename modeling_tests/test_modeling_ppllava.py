@@ -602,6 +602,9 @@ def test_the_modules_kept_out_of_quantization_are_the_visual_parts_the_layout_ha
     keys = model.state_dict().keys()
     for name in model._keep_in_fp32_modules:
         assert any(key.startswith(f"{name}.") or f".{name}." in key for key in keys), name
+    # Declared once, on the instance, from the parts built: quantizers match paths from the root.
+    assert "_keep_in_fp32_modules" not in vars(PPLLaVAForConditionalGeneration)
+    assert {f"model.{name}" for name in model.model._keep_in_fp32_modules} <= model._keep_in_fp32_modules
 
 
 def test_every_weight_is_initialised(tester):

@@ -103,12 +103,6 @@ class PPLLaVAExtendedTextEmbeddings(nn.Module):
     def num_positions(self) -> int:
         return self.position_embedding_base.shape[0]
 
-    def load_stretched_positions(self, table: torch.Tensor) -> None:
-        """Start both tables from `table` (already stretched), as the original does when it extends a stock encoder."""
-        with torch.no_grad():
-            self.position_embedding_base.copy_(table)
-            self.position_embedding_residual.copy_(table)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1429,13 +1423,14 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     """PPLLaVA with its LM head: video/image + text in, text out."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    _keep_in_fp32_modules = [f"model.{name}" for name in PPLLaVAModel._keep_in_fp32_modules]
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: PPLLaVAConfig):
         super().__init__(config)
         self.model = PPLLaVAModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Quantizers match these as paths from the root (`post_init` adds the child's names unprefixed, which match
+        # nothing here): `model.` + the parts this layout has.
         self._keep_in_fp32_modules = [f"model.{name}" for name in self.model._keep_in_fp32_modules]
         self.post_init()
 

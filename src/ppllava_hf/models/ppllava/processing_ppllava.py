@@ -167,7 +167,7 @@ class PPLLaVAProcessor(ProcessorMixin):
         video_processor ([`PPLLaVAVideoProcessor`]): decodes, samples and normalises video frames.
         tokenizer: the LLM tokenizer; must know `<image>` and `<video>`.
         prompt_tokenizer: the tokenizer of the prompt encoder (CLIP or SigLIP text).
-        chat_template (`str`, *optional*): Jinja template (see `chat_template_ppllava`).
+        chat_template (`str`, *optional*): Jinja template (the converter writes PPLLaVA's Vicuna or ChatML one).
         image_token, video_token (`str`): placeholder strings.
         patch_size (`int`): patch size of the vision tower; with the video processor's frame size it gives the patch grid.
         video_pooling_kernel, video_pooling_stride, video_pooling_output_size, image_pooling_kernel, image_pooling_stride,
