@@ -70,24 +70,6 @@ INITIAL_LOGIT_SCALE = {"clip_text_model": math.log(1 / 0.07), "siglip_text_model
 INITIAL_SIGLIP_LOGIT_BIAS = -10.0
 
 
-def stretch_position_embeddings(table: torch.Tensor, keep: int = 20, factor: int = 4) -> torch.Tensor:
-    """Stretch a text position table the PPLLaVA way: keep the first `keep` rows, interpolate the rest `factor`x.
-
-    Rows between consecutive kept positions are linear interpolations; the last `factor` rows extrapolate along the last
-    difference. A 77-row CLIP table becomes 20 + 4 * 57 = 248 rows; a 64-row SigLIP table becomes 196.
-    """
-    length, dim = table.shape
-    if not 0 < keep < length - 1:
-        raise ValueError(f"keep={keep} must leave at least two positions of the {length}-row table to interpolate.")
-    source = table.float()
-    fractions = torch.arange(factor, dtype=torch.float32, device=table.device) / factor
-    left, right = source[keep:-1, None], source[keep + 1 :, None]
-    interpolated = left + fractions[:, None] * (right - left)
-    extrapolated = source[-1] + fractions[:, None] * (source[-1] - source[-2])
-    stretched = torch.cat([source[:keep], interpolated.reshape(-1, dim), extrapolated], dim=0)
-    return stretched.to(table.dtype)
-
-
 class PPLLaVAExtendedTextEmbeddings(nn.Module):
     """Token embeddings plus the extended position table: a frozen base table for the first `keep_positions` positions
     and a trainable residual table for the others (both of the extended length)."""
