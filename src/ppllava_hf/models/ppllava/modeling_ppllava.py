@@ -26,7 +26,7 @@ from transformers.modeling_outputs import (
     ModelOutput,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 from .configuration_ppllava import PPLLaVAConfig
 from .input_checks_ppllava import check_attended_rows, check_labels, check_pixel_batch, check_token_ids
@@ -624,11 +624,6 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     # A decoding step (no placeholders, no pixels) is the language model alone: it compiles as one graph.
     _can_compile_fullgraph = True
 
-    def _return(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
-        """`output`, or its tuple form when `return_dict` (or, when not given, `config.return_dict`) is False."""
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_tuple()
-
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -915,6 +910,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             relevance.append(clip_relevance)
         return PPLLaVAVisualOutput(**_join_vision_outputs(encoded), pooler_output=tokens, relevance=relevance)
 
+    @can_return_tuple
     def get_video_features(
         self,
         pixel_values_videos: torch.Tensor | list[torch.Tensor],
@@ -922,7 +918,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
         r"""
@@ -946,15 +941,15 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
         plans = [self.video_pooling_plan(video.shape[0], max_visual_tokens) for video in videos]
         output = self._encode_clips(videos, prompts, plans, *self._vision_output_flags(kwargs))
-        return self._return(output, return_dict)
+        return output
 
+    @can_return_tuple
     def get_multi_image_features(
         self,
         pixel_values_multi_image: torch.Tensor | list[torch.Tensor],
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
         r"""
@@ -977,8 +972,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         prompts = self._prompts_for_items(len(groups), "multi-image group", clip_input_ids, clip_attention_mask, prompt_embeds)
         plans = [self.image_pooling_plan(group.shape[0]) for group in groups]
         output = self._encode_clips(groups, prompts, plans, *self._vision_output_flags(kwargs))
-        return self._return(output, return_dict)
+        return output
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor | list[torch.Tensor],
@@ -986,7 +982,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
         r"""
@@ -1019,13 +1014,14 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             tokens.append(pack_image_tokens(pooled, size, config.image_grid_pinpoints, tile_size, newline))
             relevance.append(image_relevance)
         output = PPLLaVAVisualOutput(**vision, pooler_output=tokens, relevance=relevance)
-        return self._return(output, return_dict)
+        return output
 
     def _vision_output_flags(self, kwargs: dict) -> tuple[bool, bool]:
         """The requested vision outputs (`output_hidden_states` / `output_attentions` in the keyword arguments),
         defaulting to the config's settings as transformers models do. They stay keyword arguments, not named
         parameters: `generate` removes from its model kwargs every named parameter of `get_*_features`, which would take
-        them away from the language model's forward."""
+        them away from the language model's forward. transformers' `merge_with_config_defaults` (5.19 to 5.25) fills
+        `use_cache` and the vision feature settings from the config, not these two, hence this helper."""
         output_hidden_states = kwargs.get("output_hidden_states")
         output_attentions = kwargs.get("output_attentions")
         if output_hidden_states is None:
@@ -1200,6 +1196,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1216,7 +1213,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         max_visual_tokens: int | None = None,
         pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
         multi_image: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAModelOutputWithPast | tuple:
         r"""
@@ -1299,7 +1295,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             image_outputs=used.get("image"),
             video_outputs=used.get("video"),
         )
-        return self._return(output, return_dict)
+        return output
 
     def _check_no_placeholders(
         self, token_id: int, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, modality: str
@@ -1442,6 +1438,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         """See [`PPLLaVAModel.encode_multimodal`]."""
         return self.model.encode_multimodal(**kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1460,7 +1457,6 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         max_visual_tokens: int | None = None,
         pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
         multi_image: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVACausalLMOutputWithPast | tuple:
         r"""
@@ -1519,7 +1515,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             )
         language_model_outputs = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
         output = PPLLaVACausalLMOutputWithPast(loss=loss, logits=logits, **language_model_outputs)
-        return self._return(output, return_dict)
+        return output
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
