@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
+from ppllava_hf.conversion.prompt_positions import stretch_position_embeddings
 from ppllava_hf.models.ppllava.modeling_ppllava import (
     PPLLaVAExtendedTextEmbeddings,
     PPLLaVASiglipPatchHead,
     PPLLaVAVisionPromptAlignment,
-    stretch_position_embeddings,
 )
 from ppllava_hf.testing.tiny import tiny_config
 

@@ -261,6 +261,21 @@ def test_placeholders_with_nothing_to_fill_them_are_refused(tester, modality):
 
 
 @pytest.mark.parametrize("modality", ["video", "image"])
+def test_a_several_token_step_after_the_prompt_is_text_even_with_placeholder_ids(tester, modality):
+    """Assisted decoding checks several candidate tokens in one step; a candidate that equals a placeholder id is a
+    generated token, not a placeholder to fill: only the prompt's placeholders need visual tokens."""
+    batch = tester.collate([tester.text_sample()])
+    placeholder = tester.model.config.video_token_id if modality == "video" else tester.model.config.image_token_id
+    with torch.no_grad():
+        prompt = tester.model(**batch, use_cache=True)
+        cache_name = "cache" if "cache" in prompt else "past_key_values"
+        candidates = torch.tensor([[5, placeholder, 7]])
+        attention_mask = torch.cat([batch["attention_mask"], torch.ones(1, 3, dtype=torch.long)], -1)
+        step = tester.model(input_ids=candidates, attention_mask=attention_mask, **{cache_name: prompt[cache_name]})
+    assert step.logits.shape[:2] == (1, 3) and bool(step.logits.isfinite().all())
+
+
+@pytest.mark.parametrize("modality", ["video", "image"])
 def test_placeholders_in_inputs_embeds_with_nothing_to_fill_them_are_refused(tester, modality):
     sample = tester.video_sample() if modality == "video" else tester.image_sample()
     batch = tester.collate([sample])
@@ -587,6 +602,9 @@ def test_the_modules_kept_out_of_quantization_are_the_visual_parts_the_layout_ha
     keys = model.state_dict().keys()
     for name in model._keep_in_fp32_modules:
         assert any(key.startswith(f"{name}.") or f".{name}." in key for key in keys), name
+    # Declared once, on the instance, from the parts built: quantizers match paths from the root.
+    assert "_keep_in_fp32_modules" not in vars(PPLLaVAForConditionalGeneration)
+    assert {f"model.{name}" for name in model.model._keep_in_fp32_modules} <= model._keep_in_fp32_modules
 
 
 def test_every_weight_is_initialised(tester):

@@ -281,23 +281,6 @@ class PPLLaVAConfig(PreTrainedConfig):
             raise ValueError(f"vision_chunk_frames must be positive or None, got {self.vision_chunk_frames}.")
 
 
-def first_free_token_id(after: int, vocab_size: int, taken) -> int:
-    """The first id above `after` that `taken` (ids of pad/BOS/EOS, ...; `None`s and lists allowed) does not use, inside a
-    `vocab_size`-row embedding: the row a placeholder without its own token (LLaVA-NeXT's video) can take."""
-    used = set()
-    for value in taken:
-        used.update(value if isinstance(value, (list, tuple)) else [value])
-    candidate = after + 1
-    while candidate in used:
-        candidate += 1
-    if candidate >= vocab_size:
-        raise ValueError(
-            f"The vocabulary ({vocab_size} rows) has no free row after id {after} for the video placeholder: pass "
-            "video_token_id=<a row your tokenizer does not use>, or grow the embeddings first (resize_token_embeddings)."
-        )
-    return candidate
-
-
 def _triple(value, default=None) -> list[int] | None:
     """Normalise a (frames, rows, columns) size to a list of three ints."""
     if value is None:
@@ -307,4 +290,4 @@ def _triple(value, default=None) -> list[int] | None:
     return [int(v) for v in value]
 
 
-__all__ = ["PPLLaVAConfig", "first_free_token_id"]
+__all__ = ["PPLLaVAConfig"]
