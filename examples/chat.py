@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> VisualChat:
         print(f"[{EMBEDDED_DEFAULT_NOTE}]")
     with tempfile.TemporaryDirectory() as workdir:
         media = load_media(args, loaded.processor, Path(workdir))
-    chat = VisualChat(loaded, media, loaded.processor_kwargs(args), args.max_new_tokens, args.reuse_first_question_tokens)
+    chat = VisualChat(
+        loaded, media, loaded.processor_kwargs(args), args.max_new_tokens, args.reuse_first_question_tokens
+    )
     streamer = TextStreamer(loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     for message in user_messages(args):
         print("ppllava> ", end="", flush=True)
