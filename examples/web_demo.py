@@ -201,7 +201,7 @@ class WebDemo:
             return
         history[-1]["content"] = chat.messages[-1]["content"][0]["text"]
         turn = sum(message["role"] == "user" for message in chat.messages)
-        note = token_counts(chat, int(budget))
+        note = f"**{session.name}**: {token_counts(chat, int(budget))}"
         if turn > 1:
             note += f" — turn {turn}: re-pooled the {session.media['type']} under this question"
         outputs[1], outputs[2], outputs[7] = history, dataclasses.replace(session, messages=chat.messages), note
