@@ -167,3 +167,42 @@ def test_the_page_answers_shows_where_and_when_repools_and_reports_a_corrupt_fil
     expect(page.locator("#status")).to_contain_text("Loaded", timeout=20_000)
     expect(page.locator("#error")).not_to_contain_text("Error")
     page.close()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo's handlers in this process, on the embedded default (no server, no browser)."""
+    pytest.importorskip("gradio", reason="Gradio is part of the demo and dev extras: pip install -e '.[dev]'")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import web_demo
+
+    app, _ = web_demo.build_app(["--max-new-tokens", "8"])
+    return app
+
+
+def test_an_uploaded_image_is_an_image_turn_with_its_token_count(demo, tmp_path):
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(image)
+    session, *_ = demo.load(str(image), 16)
+    assert session.media["type"] == "image"
+    *_, outputs = demo.respond("Is there a ball?", [], session, 16, 0)
+    assert outputs[1][-1]["role"] == "assistant" and outputs[1][-1]["content"]
+    assert outputs[6] == "" and re.search(r"image → \d+ tokens", outputs[7])
+
+
+@pytest.mark.parametrize(("question", "has_media", "message"), [
+    ("Where does the red ball go?", False, "Upload a video or an image, or pick an example clip, before asking."),
+    ("   ", True, "Type a question first."),
+])
+def test_asking_without_media_or_question_says_what_is_missing(demo, question, has_media, message):
+    session = demo.load_example("red ball, left to right", 16)[0] if has_media else None
+    (outputs,) = demo.respond(question, [], session, 16, 0)
+    assert outputs[6] == f"**Error** — {message}" and outputs[1] == []
+
+
+@pytest.mark.parametrize(("num_frames", "budget", "names"), [(0, 0, "num_frames"), (16, 3, "max_visual_tokens=3")])
+def test_a_bad_setting_reports_the_packages_error_and_keeps_the_conversation(demo, num_frames, budget, names):
+    session = demo.load_example("red ball, left to right", 16)[0]
+    *_, outputs = demo.respond("Where does the red ball go?", [], session, num_frames, budget)
+    assert outputs[6].startswith(f"**Error** — ValueError: {names}") and "\n" not in outputs[6]
+    assert outputs[1] == [] and outputs[2] is session
