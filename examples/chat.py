@@ -6,10 +6,11 @@
 Type a message and press Enter; an empty line, /exit or Ctrl-D ends the chat. Messages can also come from --message
 (repeat it) or from piped stdin, one per line.
 
-Which prompt pools the video: PPLLaVA keeps the visual tokens that match a prompt. The video (or image) is encoded
-once, pooled under the FIRST question, and those tokens are reused for every later turn (no re-encoding, so follow-up
-turns cost only the language model). --repool re-encodes it under each new question instead: slower, but every
-answer then sees the tokens its own question selects.
+Which prompt pools the video: PPLLaVA keeps the visual tokens that match a prompt, so every question re-encodes the
+video (or image) and pools it under that question: each answer sees the tokens its own question selects.
+--reuse-first-question-tokens is the fast path that trades this away: the media is encoded once, pooled under the FIRST
+question, and those tokens serve every later turn (follow-ups cost only the language model, but are answered from what
+the first question selected).
 """
 
 import argparse
@@ -27,24 +28,30 @@ from ppllava_hf.testing.embedded_default import write_sample_video
 
 
 class VisualChat:
-    """A multi-turn conversation about one video or image, keeping its encoded visual tokens between turns.
+    """A multi-turn conversation about one video or image, pooled under each new question (or, opted in, under the
+    first question only).
 
     Args:
         loaded: the model and processor.
         media: `{"type": "video", "video": frames}` or `{"type": "image", "image": PIL image}`: a chat content block,
-            already decoded so that later turns do not read the file again.
+            already decoded so that later turns do not read the file again (or `{"type": "video", "path": ...}`).
         processor_kwargs: per-call processor options (e.g. `max_visual_tokens`).
         max_new_tokens: answer length limit.
-        repool: re-encode the media under each new question instead of reusing the first turn's tokens.
+        reuse_first_question_tokens: encode the media once and answer every turn from the tokens pooled under the
+            first question (faster follow-ups, but they no longer see what their own question selects).
+
+    After each `ask`, `inputs` and `encoded` hold that turn's processor outputs and visual encoding.
     """
 
-    def __init__(self, loaded: LoadedModel, media: dict, processor_kwargs: dict, max_new_tokens: int, repool: bool = False):
+    def __init__(self, loaded: LoadedModel, media: dict, processor_kwargs: dict, max_new_tokens: int,
+                 reuse_first_question_tokens: bool = False):
         self.model, self.processor = loaded.model, loaded.processor
         self.media = media
         self.processor_kwargs = processor_kwargs
         self.max_new_tokens = max_new_tokens
-        self.repool = repool
+        self.reuse_first_question_tokens = reuse_first_question_tokens
         self.messages: list[dict] = []
+        self.inputs = None
         self.encoded = None
 
     @torch.no_grad()
@@ -56,7 +63,8 @@ class VisualChat:
             self.messages, add_generation_prompt=True, tokenize=True, return_dict=True,
             processor_kwargs=self.processor_kwargs,
         ).to(self.model.device, dtype=self.model.dtype)
-        if self.encoded is None or self.repool:
+        self.inputs = inputs
+        if self.encoded is None or not self.reuse_first_question_tokens:
             self.encoded = self.model.encode_multimodal(
                 input_ids=inputs["input_ids"],
                 pixel_values=inputs.get("pixel_values"),
@@ -82,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     media.add_argument("--video", help="Video file (default: the embedded default's sample clip).")
     media.add_argument("--image", help="Image file.")
     parser.add_argument("--message", action="append", help="A user message; repeat for more turns (else read stdin).")
-    parser.add_argument("--repool", action="store_true", help="Re-encode the video under each new question.")
+    parser.add_argument(
+        "--reuse-first-question-tokens", action="store_true",
+        help="Encode the media once, pooled under the first question, and answer every later turn from those tokens: "
+             "faster follow-ups, but they are answered from what the first question selected, not their own.",
+    )
     add_model_arguments(parser)
     return parser.parse_args(argv)
 
@@ -122,7 +134,9 @@ def main(argv: list[str] | None = None) -> VisualChat:
         print(f"[{EMBEDDED_DEFAULT_NOTE}]")
     with tempfile.TemporaryDirectory() as workdir:
         media = load_media(args, loaded.processor, Path(workdir))
-    chat = VisualChat(loaded, media, loaded.processor_kwargs(args), args.max_new_tokens, args.repool)
+    chat = VisualChat(
+        loaded, media, loaded.processor_kwargs(args), args.max_new_tokens, args.reuse_first_question_tokens
+    )
     streamer = TextStreamer(loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     for message in user_messages(args):
         print("ppllava> ", end="", flush=True)

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from ppllava_hf import PPLLaVAForConditionalGeneration, PPLLaVAModel, PPLLaVAProcessor
-from ppllava_hf.relevance import relevance_grid_size
+from ppllava_hf.relevance import relevance_grid_size, video_relevance
 from ppllava_hf.testing.embedded_default import SAMPLE_ANSWER, build_embedded_default
 
 
@@ -125,11 +125,12 @@ class EncodingCounter:
         monkeypatch.setattr(PPLLaVAModel, "get_image_features", count_images)
 
 
-def test_chat_answers_twice_with_one_video_encoding(quickstart, monkeypatch, capsys):
+def test_chat_reusing_the_first_question_tokens_answers_twice_with_one_video_encoding(quickstart, monkeypatch, capsys):
     folder, _ = quickstart
     counter = EncodingCounter(monkeypatch)
     session = chat.main(["--model", str(folder / "model"), "--video", str(folder / "sample.mp4"),
-                         "--message", "What happens?", "--message", "Where does the ball go?", "--max-new-tokens", "6"])
+                         "--message", "What happens?", "--message", "Where does the ball go?", "--max-new-tokens", "6",
+                         "--reuse-first-question-tokens"])
     assert counter.videos == 1
     answers = [message for message in session.messages if message["role"] == "assistant"]
     assert len(answers) == 2
@@ -143,10 +144,21 @@ def test_chat_answers_twice_with_one_video_encoding(quickstart, monkeypatch, cap
     assert prompt.count("USER: ") == 2 and prompt.count("<video>") == 1
 
 
-def test_chat_repool_encodes_again_for_each_question(monkeypatch, capsys):
+def test_chat_encodes_again_for_each_question_by_default(monkeypatch, capsys):
     counter = EncodingCounter(monkeypatch)
-    chat.main(["--message", "What happens?", "--message", "Why?", "--repool", "--max-new-tokens", "3"])
+    chat.main(["--message", "What happens?", "--message", "Why?", "--max-new-tokens", "3"])
     assert counter.videos == 2
+
+
+@pytest.mark.parametrize(("flags", "pooled_under"), [([], "How many balls are there?"),
+                                                      (["--reuse-first-question-tokens"], "What colour is the ball?")])
+def test_chat_pools_a_later_turn_under_its_own_question_unless_reuse_is_asked_for(flags, pooled_under, capsys):
+    session = chat.main(["--message", "What colour is the ball?", "--message", "How many balls are there?",
+                         "--max-new-tokens", "3", *flags])
+    alone = video_relevance(session.model, session.processor, session.media["video"], pooled_under)
+    # The same float32 vision pass and softmax over the same frames and prompt: equal to float32 rounding.
+    torch.testing.assert_close(session.encoded["video"].relevance[0].float().cpu(), alone.relevance,
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_chat_about_an_image_reads_messages_from_stdin(tmp_path, monkeypatch, capsys):
@@ -155,7 +167,7 @@ def test_chat_about_an_image_reads_messages_from_stdin(tmp_path, monkeypatch, ca
     monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the car?\nWhy?\n\nnot reached\n"))
     counter = EncodingCounter(monkeypatch)
     session = chat.main(["--image", str(image), "--max-new-tokens", "3"])
-    assert counter.images == 1 and counter.videos == 0
+    assert counter.images == 2 and counter.videos == 0  # one encoding per question
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     assert "you> Why?" in capsys.readouterr().out
 

@@ -8,6 +8,7 @@ from PIL import Image
 from ppllava_hf import sample_frame_indices
 from ppllava_hf.relevance import (
     TimeRange,
+    VideoRelevance,
     frame_spans,
     frame_weights,
     model_view_frames,
@@ -108,6 +109,29 @@ def test_video_relevance_matches_the_pooling_weights_and_the_measured_timestamps
             clip_input_ids=inputs["clip_input_ids"], clip_attention_mask=inputs["clip_attention_mask"],
         )
     torch.testing.assert_close(encoded["video"].relevance[0], result.relevance)
+
+
+def test_relevance_from_a_pooling_pass_is_the_relevance_video_relevance_computes(embedded, sample_video):
+    model, processor = embedded
+    messages = [{"role": "user", "content": [{"type": "video", "path": str(sample_video)},
+                                             {"type": "text", "text": SAMPLE_QUESTION}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           processor_kwargs={"return_metadata": True})
+    with torch.no_grad():
+        encoded = model.encode_multimodal(
+            input_ids=inputs["input_ids"], pixel_values_videos=inputs["pixel_values_videos"],
+            clip_input_ids=inputs["clip_input_ids"], clip_attention_mask=inputs["clip_attention_mask"],
+        )
+    result = VideoRelevance.from_encoding(SAMPLE_QUESTION, encoded["video"].relevance[0],
+                                          inputs["pixel_values_videos"][0], processor.video_processor,
+                                          inputs["video_metadata"][0])
+    expected = video_relevance(model, processor, str(sample_video), SAMPLE_QUESTION)
+    torch.testing.assert_close(result.relevance, expected.relevance)
+    np.testing.assert_array_equal(result.frames, expected.frames)
+    assert result.timestamps == pytest.approx(expected.timestamps)
+    assert [moment.frames for moment in result.top_time_ranges()] == [
+        moment.frames for moment in expected.top_time_ranges()
+    ]
 
 
 def test_model_view_frames_undo_the_normalisation(embedded, sample_video):

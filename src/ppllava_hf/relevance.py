@@ -59,6 +59,19 @@ class VideoRelevance:
     frames: np.ndarray
     timestamps: list[float] | None
 
+    @classmethod
+    def from_encoding(cls, query: str, relevance: torch.Tensor, pixel_values_video: torch.Tensor, video_processor,
+                      metadata=None) -> "VideoRelevance":
+        """The relevance a pooling pass already computed for one video (`encode_multimodal(...)["video"].relevance[i]`)
+        with that video's processor outputs (`pixel_values_videos[i]`, `video_metadata[i]` or `None`), so that showing
+        it needs no second encoding."""
+        return cls(
+            query=query,
+            relevance=relevance.detach().float().cpu(),
+            frames=model_view_frames(pixel_values_video, video_processor.image_mean, video_processor.image_std),
+            timestamps=None if metadata is None else known_timestamps(metadata),
+        )
+
     @property
     def frame_weights(self) -> torch.Tensor:
         """Share of the relevance in each frame, `(frames,)` summing to one."""
