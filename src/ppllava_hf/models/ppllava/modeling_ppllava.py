@@ -1150,6 +1150,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         prompt_keys = clip_input_ids if clip_attention_mask is None else torch.cat([clip_input_ids, clip_attention_mask], -1)
         outputs = {}
         image_parts = []
+        if pixel_values_multi_image is not None and len(pixel_values_multi_image) == 0:
+            pixel_values_multi_image = None  # multi-image samples without images: text-only samples
         if pixel_values is not None or pixel_values_multi_image is not None:
             image_mask = self._placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
             group_rows = _multi_image_rows(

@@ -378,9 +378,14 @@ class PPLLaVAProcessor(ProcessorMixin):
         prompts = self._pooling_prompts(texts, kwargs.pop("pooling_prompt", None), kwargs.pop("chat_pooling_prompt", None))
         if videos is not None:
             videos = canonical_videos(videos)
-        if kwargs.get("multi_image"):
-            flags = one_per_item(kwargs["multi_image"], len(texts), "multi_image", item="text sample")
-            kwargs["multi_image"] = [bool(flag) for flag in flags]
+        if _holds_no_image(images):  # `images=[]` (a text-only sample) is no images, in any mode
+            images = None
+        if "add_timestamps" in kwargs:
+            kwargs["add_timestamps"] = boolean_option(kwargs["add_timestamps"], "add_timestamps")
+        flags = one_per_item(kwargs.pop("multi_image", False), len(texts), "multi_image", item="text sample")
+        flags = [boolean_option(flag, "multi_image") for flag in flags]
+        if any(flags):
+            kwargs["multi_image"] = flags
             if images is not None:
                 images = self._images_per_sample(texts, images)
         outputs = super().__call__(images=images, text=texts, videos=videos, **kwargs)
@@ -580,6 +585,21 @@ def align_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, config: PPLLaVA
             "embedding rows; the model has no row for a video placeholder (grow its embeddings first)."
         )
     config.video_token_id = video_token_id
+
+
+def boolean_option(value, name: str) -> bool:
+    """An on/off option as a bool: `True` / `False` (numpy's too), or the strings "true" / "false" that YAML and command
+    lines give (any case); anything else is refused, never read by truthiness ("false" would switch it on)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be True or False (or the string 'true' / 'false'), got {value!r}.")
+
+
+def _holds_no_image(images) -> bool:
+    """Whether `images` is an empty list, or a list of empty lists (a batch of text-only samples)."""
+    return isinstance(images, (list, tuple)) and all(_holds_no_image(item) for item in images)
 
 
 def _tensor_type(values) -> str | None:
