@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from ..models.ppllava.configuration_ppllava import PPLLaVAConfig, first_free_token_id
+from ..models.ppllava.input_checks_ppllava import non_finite_weights
 from ..models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration
 
 
@@ -395,7 +396,14 @@ def write_weights(plan: WeightPlan, output_folder: str, dtype: torch.dtype | Non
             if ours is None:
                 continue
             tensor = convert_tensor(key, tensor)
-            converted[ours] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+            tensor = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+            for problem in non_finite_weights([(key, tensor)]):
+                cast = f" once cast to {dtype}" if dtype is not None else ""
+                raise ConversionError(
+                    f"The weight {problem} in {path} is NaN or infinite{cast}: the checkpoint is damaged (download it "
+                    "again)" + (f", or {dtype} cannot hold it (choose another --dtype)." if cast else ".")
+                )
+            converted[ours] = tensor
         target = os.path.join(output_folder, name)
         try:
             save_file(converted, target, metadata={"format": "pt"})

@@ -5,7 +5,10 @@ scatter into it, tokenize, process pixels), it tokenizes one *pooling prompt* pe
 tokenizer (CLIP or SigLIP): the text that guides which patches the model keeps when it pools the visual tokens.
 """
 
+import glob
 import itertools
+import json
+import os
 import re
 from collections.abc import Mapping
 
@@ -290,7 +293,9 @@ class PPLLaVAProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "PPLLaVAProcessor":
         """transformers' loading, then the checks that the parts of the folder belong together: the prompt tokenizer
         must not be the LLM tokenizer (transformers falls back to the root folder's tokenizer when the folder lacks
-        its `prompt_tokenizer/`), and where the folder holds the model's config, `check_config` must pass."""
+        its `prompt_tokenizer/`), and where the folder holds the model's config, `check_config` must pass. A local folder
+        whose JSON files do not parse, or that has no LLM tokenizer, is refused first, naming the file."""
+        _check_processor_folder(os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if processor.prompt_tokenizer.get_vocab() == processor.tokenizer.get_vocab():
             raise ValueError(
@@ -600,6 +605,33 @@ def boolean_option(value, name: str) -> bool:
 def _holds_no_image(images) -> bool:
     """Whether `images` is an empty list, or a list of empty lists (a batch of text-only samples)."""
     return isinstance(images, (list, tuple)) and all(_holds_no_image(item) for item in images)
+
+
+# Files of a saved processor that are JSON, and the files any one of which holds an LLM tokenizer.
+_PROCESSOR_JSON_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "prompt_tokenizer/tokenizer.json", "prompt_tokenizer/tokenizer_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.*", "*.tiktoken")
+
+
+def _check_processor_folder(folder: str) -> None:
+    """Refuse a local processor folder with a JSON file that does not parse (a bare `JSONDecodeError` otherwise), or
+    without the LLM tokenizer (transformers' "Couldn't instantiate the backend tokenizer"), naming the file."""
+    if not os.path.isdir(folder):
+        return  # a Hub id: transformers downloads and reports
+    folder = os.path.normpath(folder)
+    for name in _PROCESSOR_JSON_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    json.load(handle)
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path} is not valid JSON ({error}); restore it, or save the processor again.") from None
+    if not any(glob.glob(os.path.join(glob.escape(folder), pattern)) for pattern in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} has no LLM tokenizer (no {', '.join(_TOKENIZER_FILES)} file); copy the LLM's tokenizer files "
+            "there, or save the processor again."
+        )
 
 
 def _tensor_type(values) -> str | None:
