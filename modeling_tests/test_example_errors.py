@@ -1,0 +1,97 @@
+"""Ordinary mistakes in the examples a user runs first: one line on stderr and exit status 1 (no traceback unless
+`--debug`), nothing the user made written over, and every good row of a batch answered."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppllava_hf import PPLLaVAForConditionalGeneration
+from ppllava_hf.testing.embedded_default import write_sample_video
+from ppllava_hf.testing.tiny import tiny_config, tiny_processor
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import quickstart  # noqa: E402
+
+
+def run_example(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What a script said on stderr, without the progress bars and the transformers-version notice."""
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "Traceback"))]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# quickstart.py
+
+
+@pytest.fixture
+def another_model(tmp_path) -> Path:
+    """An output folder whose model/ holds a model the user saved (a random tiny PPLLaVA)."""
+    folder = tmp_path / "out" / "model"
+    torch.manual_seed(0)
+    PPLLaVAForConditionalGeneration(tiny_config("vicuna")).save_pretrained(folder)
+    tiny_processor("vicuna").save_pretrained(folder)
+    return folder
+
+
+def test_quickstart_refuses_an_output_dir_whose_model_folder_holds_another_model(another_model, tmp_path):
+    before = {path: path.read_bytes() for path in another_model.rglob("*") if path.is_file()}
+    result = run_example("quickstart.py", "--output-dir", "out", cwd=tmp_path)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [
+        f"error: {Path('out') / 'model'} already exists and holds something else than what this script writes there; "
+        "it was left as it is: choose another --output-dir, or move it away."
+    ]
+    assert {path: path.read_bytes() for path in another_model.rglob("*") if path.is_file()} == before
+    assert [path.name for path in another_model.parent.iterdir() if ".partial-" in path.name] == []
+
+
+def test_quickstart_run_again_into_its_own_output_dir_succeeds(tmp_path, capsys):
+    quickstart.main(["--output-dir", str(tmp_path / "out"), "--max-new-tokens", "2"])
+    weights = (tmp_path / "out" / "model" / "model.safetensors").read_bytes()
+    quickstart.main(["--output-dir", str(tmp_path / "out"), "--max-new-tokens", "2"])
+    assert (tmp_path / "out" / "model" / "model.safetensors").read_bytes() == weights
+    assert "reuse it with --model" in capsys.readouterr().out
+
+
+def test_quickstart_refuses_a_sample_mp4_of_the_users_own(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sample.mp4").write_bytes(b"my holiday video")
+    with pytest.raises(SystemExit, match=r"^error: .*sample\.mp4 already exists and holds something else"):
+        quickstart.main(["--output-dir", str(tmp_path / "out"), "--max-new-tokens", "2"])
+    assert (tmp_path / "out" / "sample.mp4").read_bytes() == b"my holiday video"
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_quickstart_refuses_an_output_dir_that_is_or_lies_below_a_file(tmp_path, below):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    output = blocker / "out" if below else blocker
+    where = f"is below {blocker}, which is a file" if below else "is a file"
+    with pytest.raises(SystemExit, match=rf"^error: --output-dir {output} {where}, not a folder; choose a folder\.$"):
+        quickstart.main(["--output-dir", str(output)])
+    assert blocker.read_text() == "mine"
+
+
+def test_quickstart_names_a_missing_video_in_one_line_and_exits_1(tmp_path):
+    result = run_example("quickstart.py", "--output-dir", "out", "--video", "nope.mp4", cwd=tmp_path)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == ["error: --video nope.mp4 does not exist; pass a video file or frame folder."]
+    assert not (tmp_path / "out").exists()
+
+
+def test_quickstart_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--video nope.mp4 does not exist"):
+        quickstart.main(["--output-dir", str(tmp_path / "out"), "--video", "nope.mp4", "--debug"])
