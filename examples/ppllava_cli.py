@@ -64,6 +64,13 @@ def errors_as_one_line(debug: bool) -> Iterator[None]:
         raise SystemExit(f"error: {error}") from None
 
 
+def check_below_folders(path: Path, flag: str) -> None:
+    """Raise `NotADirectoryError` when `path` would lie below a file (the nearest existing parent is not a folder)."""
+    parent = next(folder for folder in Path(path).parents if folder.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is below {parent}, which is a file, not a folder; choose a folder.")
+
+
 def write_new_or_same(target: Path, write: Callable[[Path], object]) -> None:
     """`write(path)` a file or folder for `target` beside it, then put it in place if `target` is new (or an empty
     folder); an existing `target` with the same content is kept, one with other content (a file or model the user

@@ -25,6 +25,7 @@ from ppllava_cli import (
     EMBEDDED_DEFAULT_NOTE,
     add_debug_argument,
     add_model_arguments,
+    check_below_folders,
     errors_as_one_line,
     load_model,
     write_new_or_same,
@@ -60,10 +61,9 @@ def run(args: argparse.Namespace) -> None:
     """The quickstart itself; files it would write over something else the user made are refused, never replaced."""
     if args.video is not None and not Path(args.video).exists():
         raise FileNotFoundError(f"--video {args.video} does not exist; pass a video file or frame folder.")
-    folder = next(path for path in (args.output_dir, *args.output_dir.parents) if path.exists())
-    if not folder.is_dir():
-        where = "is a file" if folder == args.output_dir else f"is below {folder}, which is a file"
-        raise NotADirectoryError(f"--output-dir {args.output_dir} {where}, not a folder; choose a folder.")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {args.output_dir} is a file, not a folder; choose a folder.")
+    check_below_folders(args.output_dir, "--output-dir")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args)
     model, processor = loaded.model, loaded.processor

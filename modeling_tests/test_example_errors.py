@@ -18,6 +18,7 @@ from ppllava_hf.testing.tiny import tiny_config, tiny_processor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import batch_infer  # noqa: E402
 import quickstart  # noqa: E402
 
 
@@ -95,3 +96,60 @@ def test_quickstart_names_a_missing_video_in_one_line_and_exits_1(tmp_path):
 def test_quickstart_debug_shows_the_traceback(tmp_path):
     with pytest.raises(FileNotFoundError, match="--video nope.mp4 does not exist"):
         quickstart.main(["--output-dir", str(tmp_path / "out"), "--video", "nope.mp4", "--debug"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# batch_infer.py
+
+
+@pytest.fixture
+def video(tmp_path) -> str:
+    return str(write_sample_video(tmp_path / "clip.mp4"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_infer_records_a_bad_line_as_an_error_row_naming_it_and_answers_every_good_row(tmp_path, video):
+    questions = tmp_path / "q.jsonl"
+    good = json.dumps({"id": "ball", "video": video, "question": "Where does the red ball go?"})
+    questions.write_text("\n".join([good, "{broken", "[1, 2]", json.dumps({"video": 5, "question": "x"}), "",
+                                    json.dumps({"video": video, "question": "What colour is the ball?"})]) + "\n")
+    output = tmp_path / "answers.jsonl"
+    counts = batch_infer.main(["--input", str(questions), "--output", str(output), "--max-new-tokens", "3"])
+    assert counts == {"answered": 2, "errors": 3, "skipped": 0}
+    rows = read_jsonl(output)
+    assert [row["id"] for row in rows] == ["ball", 2, 3, 4, 6]
+    assert [("answer" in row) for row in rows] == [True, False, False, False, True]
+    assert rows[1]["error"].startswith(f"line 2 of {questions} is not valid JSON (")
+    assert rows[2]["error"] == f'line 3 of {questions} is a JSON list, not an object {{"video": ..., ...}}'
+    assert rows[3]["error"] == f"line 4 of {questions}: its video must be a path"
+
+
+@pytest.mark.parametrize("kind", ["folder", "input", "foreign file", "below a file"])
+def test_batch_infer_refuses_an_output_it_would_misread_or_write_into(tmp_path, video, kind):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "ball", "video": video, "question": "Where?"}) + "\n")
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\n")
+    output, message = {
+        "folder": (tmp_path, f"--output {tmp_path} is a folder; give the path of a JSONL file of answers."),
+        "input": (questions, f"--output {questions} is the --input file; give another path for the answers."),
+        "foreign file": (foreign, f"--output {foreign} is not a JSONL file of answers (line 1 is not a row with an id "
+                                  "and an answer or error); choose a new file, or the output of an earlier run"),
+        "below a file": (foreign / "a.jsonl", f"--output {foreign / 'a.jsonl'} is below {foreign}, which is a file"),
+    }[kind]
+    before = {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    with pytest.raises(SystemExit) as refusal:
+        batch_infer.main(["--input", str(questions), "--output", str(output)])
+    assert str(refusal.value.code).startswith(f"error: {message}")
+    assert {path: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+def test_batch_infer_names_a_missing_input_in_one_line_and_exits_1(tmp_path):
+    result = run_example("batch_infer.py", "--input", "nope.jsonl", "--output", "a.jsonl", cwd=tmp_path)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == ["error: --input nope.jsonl does not exist; pass a folder of videos or a JSONL "
+                                          "file."]
+    assert not (tmp_path / "a.jsonl").exists()
