@@ -89,3 +89,22 @@ def non_finite_weights(named_tensors) -> list[str]:
             if bad:
                 found.append(f"{name} ({bad} of {tensor.numel()} values)")
     return found
+
+
+# bitsandbytes' 4-bit data types (`bitsandbytes.functional.quantize_4bit`); another name fails only half-way through
+# loading, in transformers' conversion report.
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+
+
+def check_quantization_config(quantization_config) -> None:
+    """A 4-bit bitsandbytes `quantization_config` (a `BitsAndBytesConfig` or its dict) must name a data type bitsandbytes
+    has, checked when the model is built, before any weight is loaded."""
+    if quantization_config is None:
+        return
+    values = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    quant_type = values.get("bnb_4bit_quant_type", "nf4")
+    if values.get("load_in_4bit") and quant_type not in BNB_4BIT_QUANT_TYPES:
+        raise ValueError(
+            f"BitsAndBytesConfig(bnb_4bit_quant_type={quant_type!r}) is not a 4-bit type bitsandbytes knows: use "
+            f"{' or '.join(map(repr, BNB_4BIT_QUANT_TYPES))} (NF4 is the QLoRA default)."
+        )

@@ -29,7 +29,13 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
 from .configuration_ppllava import PPLLaVAConfig
-from .input_checks_ppllava import check_attended_rows, check_labels, check_pixel_batch, check_token_ids
+from .input_checks_ppllava import (
+    check_attended_rows,
+    check_labels,
+    check_pixel_batch,
+    check_quantization_config,
+    check_token_ids,
+)
 from .token_counts_ppllava import (
     PoolingPlan,
     Triple,
@@ -683,6 +689,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
 
     def __init__(self, config: PPLLaVAConfig):
         super().__init__(config)
+        check_quantization_config(getattr(config, "quantization_config", None))  # from_pretrained sets it before this
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.btadapter = (
             PPLLaVABTAdapter(
