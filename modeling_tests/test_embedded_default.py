@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
 
 from ppllava_hf import PPLLaVAProcessor
 from ppllava_hf.testing.embedded_default import (
@@ -121,8 +122,22 @@ def test_a_truncated_weight_file_is_refused_naming_the_file(tmp_path):
     folder = _shipped_copy(tmp_path)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ValueError, match=rf"Cannot read the weight file {weights} \(.*\); it is missing or damaged"):
+    with pytest.raises(ValueError, match=rf"Cannot read the weight file {weights}: .* the file is truncated\."):
         build_embedded_default(folder=folder)
+
+
+def test_from_pretrained_names_a_truncated_weight_file_and_a_reshaped_weight(tmp_path):
+    folder = _shipped_copy(tmp_path)
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    state["lm_head.weight"] = state["lm_head.weight"][:, :-1].contiguous()
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"have other shapes than its config gives them: lm_head\.weight \(512, 63\) "
+                                         r"\(the config's: \(512, 64\)\)\. The weights or the config\.json were changed"):
+        AutoModelForImageTextToText.from_pretrained(folder)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"Cannot read the weight file {weights}: its tensors need \d+ bytes but the "):
+        AutoModelForImageTextToText.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "prompt_tokenizer/tokenizer.json", "processor_config.json"])

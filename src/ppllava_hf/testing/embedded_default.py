@@ -13,7 +13,6 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from ..models.ppllava.configuration_ppllava import PPLLaVAConfig
 from ..models.ppllava.input_checks_ppllava import non_finite_weights
@@ -63,16 +62,11 @@ def build_embedded_default(
     num_frames: int = EMBEDDED_DEFAULT_NUM_FRAMES, folder: str | Path | None = None
 ) -> tuple[PPLLaVAForConditionalGeneration, PPLLaVAProcessor]:
     """The trained embedded default (float32, eval mode) and its processor sampling `num_frames` frames per video, read
-    from `folder` (default: the shipped one). A weight file that cannot be read, weights that do not fill the model
-    exactly (missing, unexpected or reshaped keys) and weights that are NaN or infinite raise a `ValueError` naming the
-    file or the tensors, instead of loading a model that answers wrongly."""
+    from `folder` (default: the shipped one). A weight file that cannot be read (see `from_pretrained`), weights that do
+    not fill the model exactly (missing, unexpected or reshaped keys) and weights that are NaN or infinite raise a
+    `ValueError` naming the file or the tensors, instead of loading a model that answers wrongly."""
     folder = Path(folder or embedded_default_folder())
     rewrite = "write them again with `python examples/train_embedded_default.py --output-dir <that folder>`"
-    weights = folder / "model.safetensors"
-    try:
-        safe_open(weights, "pt").keys()
-    except (OSError, SafetensorError) as error:
-        raise ValueError(f"Cannot read the weight file {weights} ({error}); it is missing or damaged: {rewrite}.") from None
     model, loading = PPLLaVAForConditionalGeneration.from_pretrained(
         folder, output_loading_info=True, ignore_mismatched_sizes=True
     )
@@ -81,7 +75,7 @@ def build_embedded_default(
         raise ValueError(f"The weights in {folder} do not fit the embedded default ({'; '.join(problems)}); {rewrite}.")
     non_finite = non_finite_weights(model.state_dict().items())
     if non_finite:
-        raise ValueError(f"The weights in {weights} are NaN or infinite: {', '.join(non_finite)}; {rewrite}.")
+        raise ValueError(f"The weights in {folder} are NaN or infinite: {', '.join(non_finite)}; {rewrite}.")
     model.eval()
     model.generation_config.max_new_tokens = EMBEDDED_DEFAULT_MAX_NEW_TOKENS
     processor = PPLLaVAProcessor.from_pretrained(folder)

@@ -3,6 +3,7 @@
 import inspect
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ from .input_checks_ppllava import (
     check_pixel_batch,
     check_quantization_config,
     check_token_ids,
+    check_weight_files,
 )
 from .token_counts_ppllava import (
     PoolingPlan,
@@ -653,6 +655,30 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # A decoding step (no placeholders, no pixels) is the language model alone: it compiles as one graph.
     _can_compile_fullgraph = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """[`PreTrainedModel.from_pretrained`], with errors that name what is wrong rather than point at the logged load
+        report: a local weight file that is truncated or damaged is named, and weights whose shape differs from the
+        config's are listed by key (`ignore_mismatched_sizes=True` re-initialises them instead, as transformers does)."""
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_weight_files(os.path.normpath(folder))
+        if kwargs.get("ignore_mismatched_sizes"):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        with_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+        )
+        if info["mismatched_keys"]:
+            shapes = "; ".join(
+                f"{key} {tuple(saved)} (the config's: {tuple(expected)})" for key, saved, expected in info["mismatched_keys"]
+            )
+            raise ValueError(
+                f"Weights of {pretrained_model_name_or_path} have other shapes than its config gives them: {shapes}. "
+                "The weights or the config.json were changed; restore them (ignore_mismatched_sizes=True would load "
+                "those weights freshly initialised)."
+            )
+        return (model, info) if with_info else model
 
     def _return(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
         """`output`, or its tuple form when `return_dict` (or, when not given, `config.return_dict`) is False."""
