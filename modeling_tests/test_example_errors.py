@@ -86,6 +86,17 @@ def test_quickstart_refuses_an_output_dir_that_is_or_lies_below_a_file(tmp_path,
     assert blocker.read_text() == "mine"
 
 
+def test_quickstart_on_a_full_disk_ends_in_one_line_leaving_no_partial_file(tmp_path, monkeypatch):
+    def full_disk(path):
+        Path(path).write_bytes(b"half a vid")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(quickstart, "write_sample_video", full_disk)
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 28\] No space left on device: "):
+        quickstart.main(["--output-dir", str(tmp_path / "out")])
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["model"]
+
+
 def test_quickstart_names_a_missing_video_in_one_line_and_exits_1(tmp_path):
     result = run_example("quickstart.py", "--output-dir", "out", "--video", "nope.mp4", cwd=tmp_path)
     assert result.returncode == 1
