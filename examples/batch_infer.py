@@ -77,13 +77,15 @@ def read_row(line: str, number: int, source: Path, question: str | None) -> dict
     except ValueError as error:
         return {"id": number, UNREADABLE: f"{where} is not valid JSON ({error})"}
     if not isinstance(row, dict):
-        return {"id": number, UNREADABLE: f'{where} is a JSON {type(row).__name__}, not an object {{"video": ..., ...}}'}
+        kind = type(row).__name__
+        return {"id": number, UNREADABLE: f'{where} is a JSON {kind}, not an object {{"video": ..., ...}}'}
     row.setdefault("id", number)
     if question is not None:
         row.setdefault("question", question)
+    fields = (("id", (str, int), "string or a number"), ("video", str, "path"), ("question", str, "string"))
     wrong = [
         f"its {key} must be a {kind}"
-        for key, types, kind in (("id", (str, int), "string or a number"), ("video", str, "path"), ("question", str, "string"))
+        for key, types, kind in fields
         if key in row and (not isinstance(row[key], types) or isinstance(row[key], bool))
     ]
     if wrong:

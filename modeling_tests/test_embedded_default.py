@@ -132,11 +132,11 @@ def test_from_pretrained_names_a_truncated_weight_file_and_a_reshaped_weight(tmp
     state = load_file(weights)
     state["lm_head.weight"] = state["lm_head.weight"][:, :-1].contiguous()
     save_file(state, weights, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"have other shapes than its config gives them: lm_head\.weight \(512, 63\) "
-                                         r"\(the config's: \(512, 64\)\)\. The weights or the config\.json were changed"):
+    shapes = r"lm_head\.weight \(512, 63\) \(the config's: \(512, 64\)\)\. The weights or the config\.json were changed"
+    with pytest.raises(ValueError, match=rf"have other shapes than its config gives them: {shapes}"):
         AutoModelForImageTextToText.from_pretrained(folder)
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=rf"Cannot read the weight file {weights}: its tensors need \d+ bytes but the "):
+    with pytest.raises(ValueError, match=rf"Cannot read the weight file {weights}: its tensors need \d+ bytes but"):
         AutoModelForImageTextToText.from_pretrained(folder)
 
 

@@ -293,7 +293,7 @@ def test_a_frame_count_below_one_or_not_whole_is_refused_before_the_model_loads(
 @pytest.mark.parametrize("pretrained", ["{tmp}/no_such_model", "./no_such_model", "runs/2026/no_such_model"])
 def test_an_absent_local_pretrained_folder_is_named_as_missing_without_the_hub(tmp_path, monkeypatch, pretrained):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: pytest.fail("the Hub was asked"))
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: pytest.fail("Hub asked"))
     source = pretrained.format(tmp=tmp_path)
-    with pytest.raises(ValueError, match=rf"^pretrained={re.escape(source)} does not exist; pass a PPLLaVA model folder"):
+    with pytest.raises(ValueError, match=rf"^pretrained={re.escape(source)} does not exist; pass a PPLLaVA model"):
         PPLLaVALmmsEval.create_from_arg_string(f"pretrained={source}")

@@ -161,6 +161,6 @@ def test_batch_infer_refuses_an_output_it_would_misread_or_write_into(tmp_path, 
 def test_batch_infer_names_a_missing_input_in_one_line_and_exits_1(tmp_path):
     result = run_example("batch_infer.py", "--input", "nope.jsonl", "--output", "a.jsonl", cwd=tmp_path)
     assert result.returncode == 1
-    assert error_lines(result.stderr) == ["error: --input nope.jsonl does not exist; pass a folder of videos or a JSONL "
-                                          "file."]
+    message = "error: --input nope.jsonl does not exist; pass a folder of videos or a JSONL file."
+    assert error_lines(result.stderr) == [message]
     assert not (tmp_path / "a.jsonl").exists()

@@ -56,7 +56,7 @@ def test_an_unknown_4bit_quant_type_is_refused_by_name_before_loading(tiny_folde
     folder, _, _ = tiny_folder
     monkeypatch.setattr(bnb.functional, "quantize_4bit", lambda *args, **kwargs: pytest.fail("a weight was quantized"))
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf5")
-    with pytest.raises(ValueError, match=r"bnb_4bit_quant_type='nf5'\) is not a 4-bit type bitsandbytes knows: use 'nf4' or "):
+    with pytest.raises(ValueError, match=r"quant_type='nf5'\) is not a 4-bit type bitsandbytes knows: use 'nf4' or "):
         AutoModelForImageTextToText.from_pretrained(folder, quantization_config=quantization)
 
 

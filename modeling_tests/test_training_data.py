@@ -127,7 +127,8 @@ def test_a_frame_folder_video_is_kept_and_counted_alike_under_either_check(media
     rows[1]["video"], rows[2]["video"] = str(frames), str(tmp_path / "empty_frames")
     dataset, skipped = check(processor, folder, rows, video_check=video_check)
     assert len(dataset) == 2 and [(row.index, row.kind) for row in skipped] == [(2, "unreadable video")]
-    added = {visual_tokens_added(processor, [path], [], video_check) for path in (str(frames), os.path.join(folder, "red.mp4"))}
+    paths = (str(frames), os.path.join(folder, "red.mp4"))
+    added = {visual_tokens_added(processor, [path], [], video_check) for path in paths}
     assert added == {processor.num_video_tokens(NUM_FRAMES) - 1}
 
 

@@ -100,8 +100,8 @@ BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 
 
 def check_quantization_config(quantization_config) -> None:
-    """A 4-bit bitsandbytes `quantization_config` (a `BitsAndBytesConfig` or its dict) must name a data type bitsandbytes
-    has, checked when the model is built, before any weight is loaded."""
+    """A 4-bit bitsandbytes `quantization_config` (a `BitsAndBytesConfig` or its dict) must name a data type that
+    bitsandbytes has, checked when the model is built, before any weight is loaded."""
     if quantization_config is None:
         return
     values = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()

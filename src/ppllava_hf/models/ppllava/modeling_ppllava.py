@@ -660,7 +660,7 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """[`PreTrainedModel.from_pretrained`], with errors that name what is wrong rather than point at the logged load
         report: a local weight file that is truncated or damaged is named, and weights whose shape differs from the
-        config's are listed by key (`ignore_mismatched_sizes=True` re-initialises them instead, as transformers does)."""
+        config's are listed by key (`ignore_mismatched_sizes=True` re-initialises them, as transformers does)."""
         folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         check_weight_files(os.path.normpath(folder))
         if kwargs.get("ignore_mismatched_sizes"):
@@ -671,7 +671,8 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
         )
         if info["mismatched_keys"]:
             shapes = "; ".join(
-                f"{key} {tuple(saved)} (the config's: {tuple(expected)})" for key, saved, expected in info["mismatched_keys"]
+                f"{key} {tuple(saved)} (the config's: {tuple(expected)})"
+                for key, saved, expected in info["mismatched_keys"]
             )
             raise ValueError(
                 f"Weights of {pretrained_model_name_or_path} have other shapes than its config gives them: {shapes}. "

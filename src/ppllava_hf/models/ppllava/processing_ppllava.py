@@ -293,8 +293,8 @@ class PPLLaVAProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "PPLLaVAProcessor":
         """transformers' loading, then the checks that the parts of the folder belong together: the prompt tokenizer
         must not be the LLM tokenizer (transformers falls back to the root folder's tokenizer when the folder lacks
-        its `prompt_tokenizer/`), and where the folder holds the model's config, `check_config` must pass. A local folder
-        whose JSON files do not parse, or that has no LLM tokenizer, is refused first, naming the file."""
+        its `prompt_tokenizer/`), and where the folder holds the model's config, `check_config` must pass. A local
+        folder whose JSON files do not parse, or that has no LLM tokenizer, is refused first, naming the file."""
         _check_processor_folder(os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if processor.prompt_tokenizer.get_vocab() == processor.tokenizer.get_vocab():
@@ -626,7 +626,8 @@ def _check_processor_folder(folder: str) -> None:
                 with open(path, encoding="utf-8") as handle:
                     json.load(handle)
             except (ValueError, UnicodeDecodeError) as error:
-                raise ValueError(f"{path} is not valid JSON ({error}); restore it, or save the processor again.") from None
+                message = f"{path} is not valid JSON ({error}); restore it, or save the processor again."
+                raise ValueError(message) from None
     if not any(glob.glob(os.path.join(glob.escape(folder), pattern)) for pattern in _TOKENIZER_FILES):
         raise ValueError(
             f"{folder} has no LLM tokenizer (no {', '.join(_TOKENIZER_FILES)} file); copy the LLM's tokenizer files "
