@@ -214,6 +214,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # One process, or one of several started by torchrun / accelerate launch (CPU ones where there is no GPU).
     state = PartialState(cpu=resolve_device(args.device).type == "cpu")
+    try:
+        counts = run(args, state)
+        state.wait_for_everyone()
+        return counts
+    finally:
+        # A process that exits with the process group still up leaves its gloo/NCCL threads to the interpreter's
+        # shutdown, which can abort it (SIGABRT) after every row is written; torchrun then fails the run.
+        state.destroy_process_group()
+
+
+def run(args: argparse.Namespace, state: PartialState) -> dict:
+    """Answer the rows of `args` still missing from `args.output` in this process's share; returns the counts of all
+    processes."""
     if args.device == "auto":
         args.device = str(state.device)
     check_output(args.output, args.input)

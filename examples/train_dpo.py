@@ -22,7 +22,7 @@ The original ran this stage with DeepSpeed ZeRO-2:
 `accelerate launch --config_file <trl>/accelerate_configs/zero2.yaml examples/train_dpo.py ...`.
 """
 
-from training_script import build_trainer, print_by_step, train_and_save
+from training_script import build_trainer, end_processes, print_by_step, train_and_save
 
 from ppllava_hf.training.dpo import PPLLaVADPOConfig, PPLLaVADPOTrainer
 
@@ -45,6 +45,7 @@ RECIPE = dict(
 def main() -> None:
     trainer = train_and_save(build_trainer(PPLLaVADPOTrainer, PPLLaVADPOConfig, "preference", RECIPE, __doc__))
     print_by_step(trainer, "rewards/margins", "Reward margin (chosen - rejected)")
+    end_processes(trainer)
 
 
 if __name__ == "__main__":

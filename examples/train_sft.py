@@ -25,7 +25,7 @@ The original ran this stage with DeepSpeed ZeRO-3:
 `accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml examples/train_sft.py ...`.
 """
 
-from training_script import build_trainer, print_by_step, train_and_save
+from training_script import build_trainer, end_processes, print_by_step, train_and_save
 
 from ppllava_hf.training.sft import PPLLaVASFTConfig, PPLLaVASFTTrainer
 
@@ -45,6 +45,7 @@ RECIPE = dict(
 def main() -> None:
     trainer = train_and_save(build_trainer(PPLLaVASFTTrainer, PPLLaVASFTConfig, "sft", RECIPE, __doc__))
     print_by_step(trainer, "loss", "Training loss")
+    end_processes(trainer)
 
 
 if __name__ == "__main__":

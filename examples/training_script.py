@@ -148,6 +148,14 @@ def train_and_save(trainer: Trainer) -> Trainer:
     return trainer
 
 
+def end_processes(trainer: Trainer) -> None:
+    """Wait for every process, then tear the process group down. A process that exits with the group still up leaves
+    its gloo/NCCL threads to the interpreter's shutdown, which can abort it (SIGABRT, "terminate called without an
+    active exception") after its work is done, and torchrun then fails the run."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
 def check_process_group(training_args: TrainingArguments) -> None:
     """Refuse to run when torchrun / accelerate launch started more processes than joined one process group: on a
     machine without GPUs each would otherwise train alone on every row and write the same output folder."""

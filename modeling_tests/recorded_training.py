@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 
@@ -100,3 +101,5 @@ if __name__ == "__main__":
     root, *arguments = sys.argv[1:]
     for name in RUNS:
         recorded_run(name, Path(root) / name, *arguments)
+    PartialState().wait_for_everyone()
+    PartialState().destroy_process_group()  # as the examples' end_processes does: a clean exit under torchrun

@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel, 
 import ppllava_hf  # noqa: F401  (registers the Auto classes)
 from ppllava_hf import PPLLaVAForConditionalGeneration
 from ppllava_hf.conversion.building import FRESH_KEY_PREFIXES, build_ppllava_from_backbones, build_ppllava_processor
-from ppllava_hf.models.ppllava.modeling_ppllava import stretch_position_embeddings
+from ppllava_hf.conversion.prompt_positions import stretch_position_embeddings
 from ppllava_hf.testing.tiny import tiny_backbones, tiny_prompt_tokenizer, tiny_tokenizer
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import entry_points
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -168,3 +169,13 @@ def test_a_disk_without_room_for_the_weights_is_refused_before_writing(tmp_path,
     with pytest.raises(ConversionError, match=r"needs about 1.7 MiB but .* has 0.3 MiB free; free some space"):
         convert_checkpoint(str(CHECKPOINT), str(tmp_path / "converted"))
     assert os.listdir(tmp_path) == []
+
+
+def test_the_converter_is_a_console_script_with_the_modules_entry_point():
+    """`ppllava-convert`, `python -m ppllava_hf.conversion` and the root convert_checkpoints.py run one function."""
+    (script,) = entry_points(group="console_scripts", name="ppllava-convert")
+    assert script.value == "ppllava_hf.conversion.cli:run"
+    assert script.load() is cli.run
+    root_script = Path(__file__).resolve().parents[1] / "convert_checkpoints.py"
+    result = subprocess.run([sys.executable, str(root_script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--input" in result.stdout

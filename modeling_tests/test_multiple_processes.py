@@ -118,3 +118,19 @@ def test_batch_inference_over_two_processes_resumes_and_writes_what_one_process_
     assert two.read_text().splitlines() == answers
     assert '"error": "VideoDecodingError' in answers[3]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["one.jsonl", "questions.jsonl", "two.jsonl", "videos"]
+
+
+def test_two_process_batch_inference_exits_cleanly_run_after_run(tmp_path):
+    """Every process tears its process group down before exiting: one left to the interpreter's shutdown can abort
+    (SIGABRT, "terminate called without an active exception") after every row is written, failing torchrun's run."""
+    videos = write_color_videos(tmp_path / "videos")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"video": f"videos/{name}", "question": "What colour?"}) + "\n"
+                                 for name in videos.values()))
+    for run in range(3):
+        output = tmp_path / f"answers{run}.jsonl"
+        result = launch("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "examples/batch_infer.py",
+                        "--input", str(questions), "--output", str(output), "--batch-size", "2", "--device", "cpu",
+                        "--max-new-tokens", "2")
+        assert "terminate called" not in result.stderr
+        assert len(output.read_text().splitlines()) == len(videos)

@@ -1,9 +1,11 @@
 """Prompt-guided pooling: the fast strided formulation computes exactly the windowed weighted average."""
 
 import itertools
+import math
 
 import pytest
 import torch
+from tolerances import rounding_bound
 
 from ppllava_hf.models.ppllava import modeling_ppllava
 from ppllava_hf.models.ppllava.modeling_ppllava import prompt_guided_pool
@@ -86,7 +88,9 @@ def test_fp32_matches_the_unfold_formulation_of_the_original():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cache_blocks_do_not_change_the_result(monkeypatch, dtype):
-    """On CPU the output is accumulated in blocks of output frames; one frame per block gives the same numbers."""
+    """On CPU the output is accumulated in blocks of output frames; one frame per block gives the same numbers, up to
+    rounding: each window offset adds one product (fused in vector loops, a multiply and an add in scalar tails, whose
+    positions move with the block size), so up to one float32 rounding per offset, then one to the output dtype."""
     features, relevance = random_inputs((1, 9, 8, 7, 8), dtype, seed=1)
     plan = plan_pooling((9, 8, 7), kernel=(3, 3, 2), stride=(2, 2, 1))
     whole = prompt_guided_pool(features, relevance, plan, TEMPERATURE)
@@ -94,7 +98,8 @@ def test_cache_blocks_do_not_change_the_result(monkeypatch, dtype):
     monkeypatch.setattr(modeling_ppllava, "_CPU_BLOCK_ELEMENTS", 1)
     blocked = prompt_guided_pool(features, relevance, plan, TEMPERATURE)
 
-    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+    tolerance = rounding_bound(torch.float32, math.prod(plan.kernel), whole) + rounding_bound(dtype, 1, whole)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("block", [1, 2, 3, 100])

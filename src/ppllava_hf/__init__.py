@@ -13,6 +13,7 @@ from .models.ppllava.video_decoding_ppllava import (
     sample_frame_indices,
 )
 from .models.ppllava.video_processing_ppllava import PPLLaVAVideoProcessor
+from .tested_releases import warn_if_untested_transformers
 
 
 AutoConfig.register("ppllava", PPLLaVAConfig, exist_ok=True)
@@ -24,6 +25,7 @@ AutoProcessor.register(PPLLaVAConfig, PPLLaVAProcessor, exist_ok=True)
 AutoVideoProcessor.register(
     PPLLaVAConfig, video_processor_classes={"torchvision": PPLLaVAVideoProcessor}, exist_ok=True
 )
+warn_if_untested_transformers()
 
 __all__ = [
     "PPLLaVAConfig",

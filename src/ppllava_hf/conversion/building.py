@@ -28,11 +28,11 @@ from transformers import (
 )
 
 from ..models.ppllava.configuration_ppllava import PPLLaVAConfig
-from ..models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration, stretch_position_embeddings
-from ..models.ppllava.processing_ppllava import PPLLaVAProcessor, align_placeholder_tokens
+from ..models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration
+from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
+from .processor import align_placeholder_tokens
+from .prompt_positions import ORIGINAL_PROMPT_KEEP_POSITIONS, stretch_position_embeddings
 from .rules import (
-    ORIGINAL_PROMPT_KEEP_POSITIONS,
-    ORIGINAL_PROMPT_STRETCH,
     apply_key_rules,
     as_scalar,
     expected_state,
@@ -94,7 +94,7 @@ def build_ppllava_from_backbones(
 
     The LLaVA weights fill the vision tower, projector, language model, `lm_head` and `image_newline` unchanged. The
     CLIP (SigLIP) text encoder becomes the prompt encoder, its 77 (64) text positions stretched to 248 (196) with
-    [`~models.ppllava.modeling_ppllava.stretch_position_embeddings`] into both the frozen base table and the trainable residual
+    [`~conversion.prompt_positions.stretch_position_embeddings`] into both the frozen base table and the trainable residual
     table; its text projection (CLIP), vision post-layernorm, visual projection (CLIP) or per-patch head (SigLIP: the
     value rows of the pooling head's attention, its layernorm and MLP), `logit_scale` (and SigLIP's `logit_bias`)
     become the alignment heads. The BT-Adapter's spatial layers start as copies of the last `btadapter_depth` vision
@@ -163,9 +163,7 @@ def build_ppllava_from_backbones(
     clip_model, clip_loaded_here = _source_model(clip, AutoModel, dtype)
     dtype = dtype or llava_model.dtype
     clip_state = clip_model.state_dict()
-    positions = stretch_position_embeddings(
-        clip_state[_SOURCE_POSITIONS], ORIGINAL_PROMPT_KEEP_POSITIONS, ORIGINAL_PROMPT_STRETCH
-    )
+    positions = stretch_position_embeddings(clip_state[_SOURCE_POSITIONS])
     config = _config_from_backbones(
         llava_config,
         clip_config,

@@ -10,10 +10,11 @@ import logging
 import os
 from dataclasses import dataclass
 
+from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..models.ppllava.configuration_ppllava import PPLLaVAConfig
-from ..models.ppllava.processing_ppllava import PPLLaVAProcessor, align_placeholder_tokens
+from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
 from .original_checkpoint import OriginalCheckpoint, check_local_source, folder_has_tokenizer
 from .rules import ConversionError
 
@@ -88,3 +89,24 @@ def _load_tokenizer(source: str, what: str) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as error:
         reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
         raise ConversionError(f"Cannot load the {what} from {source!r}: {reason}") from error
+
+
+def align_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, config: PPLLaVAConfig) -> None:
+    """Make an LLM tokenizer and a config agree on the placeholders: `<image>` must already be the config's image id;
+    `<video>` is added as a special token when missing (LLaVA-NeXT tokenizers have none) and the config takes its id,
+    which must be a row of the LLM's embeddings. Raises `ValueError` otherwise."""
+    vocab = tokenizer.get_vocab()
+    if vocab.get("<image>") != config.image_token_id:
+        raise ValueError(
+            f"The LLM tokenizer's <image> is {vocab.get('<image>')}, the checkpoint's image placeholder "
+            f"{config.image_token_id}: use the tokenizer the model was trained with."
+        )
+    if "<video>" not in vocab:
+        tokenizer.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
+    video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    if video_token_id >= config.text_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer puts <video> at id {video_token_id}, past the LLM's {config.text_config.vocab_size} "
+            "embedding rows; the model has no row for a video placeholder (grow its embeddings first)."
+        )
+    config.video_token_id = video_token_id

@@ -18,14 +18,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from ..models.ppllava.configuration_ppllava import PPLLaVAConfig, first_free_token_id
-from ..models.ppllava.input_checks_ppllava import non_finite_weights
+from ..models.ppllava.configuration_ppllava import PPLLaVAConfig
 from ..models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration
+from .prompt_positions import ORIGINAL_PROMPT_KEEP_POSITIONS, stretched_length
 
 
 ORIGINAL_LAYOUTS = ("llava_next", "llava_onevision")
-ORIGINAL_PROMPT_KEEP_POSITIONS = 20
-ORIGINAL_PROMPT_STRETCH = 4
 
 _PROMPT = "model.prompt_alignment"
 _OURS = r"\g<rest>"
@@ -67,8 +65,20 @@ def free_video_token_id(image_token_id: int, vocab_size: int, *owners) -> int:
     """The first embedding row after the image token that none of `owners` (configs, or their dicts) uses as pad, BOS
     or EOS: where a checkpoint without its own video placeholder (LLaVA-NeXT's) puts it."""
     names = ("pad_token_id", "bos_token_id", "eos_token_id")
-    taken = [owner.get(name) if isinstance(owner, dict) else getattr(owner, name, None) for owner in owners for name in names]
-    return first_free_token_id(image_token_id, vocab_size, taken)
+    taken = set()
+    for value in (owner.get(name) if isinstance(owner, dict) else getattr(owner, name, None) for owner in owners for name in names):
+        taken.update(value if isinstance(value, (list, tuple)) else [value])
+    candidate = image_token_id + 1
+    while candidate in taken:
+        candidate += 1
+    if candidate >= vocab_size:
+        raise ValueError(
+            f"The vocabulary ({vocab_size} rows) has no free row after id {image_token_id} for the video placeholder: "
+            "pass video_token_id=<a row your tokenizer does not use>, or grow the embeddings first "
+            "(resize_token_embeddings)."
+        )
+    return candidate
+
 
 # (pattern, replacement); a replacement of None drops the key. The first matching rule wins.
 KEY_RULES: list[tuple[str, str | None]] = [
@@ -147,10 +157,6 @@ def _free_video_row(original: dict, image_token_id: int) -> int:
         raise ConversionError(str(error)) from None
 
 
-def _stretched_positions(source_positions: int) -> int:
-    return ORIGINAL_PROMPT_KEEP_POSITIONS + ORIGINAL_PROMPT_STRETCH * (source_positions - ORIGINAL_PROMPT_KEEP_POSITIONS)
-
-
 # What convert_config reads without a default.
 _REQUIRED_FIELDS = ("text_config", "vision_config", "image_token_index")
 
@@ -217,7 +223,7 @@ def convert_config(original: dict, prompt_source: dict) -> PPLLaVAConfig:
     # the prompt encoder keeps CLIP's stock embeddings.
     extended = bool(original.get("extend_clip", False))
     if extended:
-        prompt["max_position_embeddings"] = _stretched_positions(prompt["max_position_embeddings"])
+        prompt["max_position_embeddings"] = stretched_length(prompt["max_position_embeddings"])
     vision = {k: v for k, v in original["vision_config"].items() if k not in ("depth", "max_T")}
     if not siglip:
         # CLIPModel sizes both projections with the top-level `projection_dim`, not the sub-configs' own field.
@@ -380,6 +386,18 @@ def plan_weights(input_folder: str, config: PPLLaVAConfig, allow_pickle: bool = 
                 seen[ours] = converted_shape(key, shape)
     _check_keys(seen, expected, unknown)
     return WeightPlan(plan.files, _output_names(len(plan.files)), sum(os.path.getsize(path) for path in plan.files))
+
+
+def non_finite_weights(named_tensors) -> list[str]:
+    """`"name (k of n values)"` for each floating-point tensor of `(name, tensor)` pairs holding NaN or inf: weights a
+    model would load without a word, then answer with non-finite logits."""
+    found = []
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and tensor.numel():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                found.append(f"{name} ({bad} of {tensor.numel()} values)")
+    return found
 
 
 def write_weights(plan: WeightPlan, output_folder: str, dtype: torch.dtype | None = None) -> dict[str, str]:

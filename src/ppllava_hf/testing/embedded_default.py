@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..conversion.rules import non_finite_weights
 from ..models.ppllava.configuration_ppllava import PPLLaVAConfig
-from ..models.ppllava.input_checks_ppllava import non_finite_weights
 from ..models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
 from .synthetic_world import GRASS, SKY, Background, Ball, Clip

@@ -2,19 +2,10 @@
 
 from typing import Literal
 
-import transformers
 from huggingface_hub.dataclasses import strict
-from packaging import version
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, PreTrainedConfig
-from transformers.utils import logging
 
 from .transformers_internals_ppllava import SubConfigSpec
-
-
-logger = logging.get_logger(__name__)
-
-# The oldest and newest transformers releases (major.minor) the whole test suite ran on; setup.cfg's minimum is the first.
-TESTED_TRANSFORMERS = ("5.23", "5.24")
 
 
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
@@ -164,7 +155,6 @@ class PPLLaVAConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        warn_if_untested_transformers()
         self.video_pooling_kernel = _triple(self.video_pooling_kernel, default=(2, 3, 3))
         self.video_pooling_stride = _triple(self.video_pooling_stride, default=self.video_pooling_kernel)
         self.image_pooling_kernel = _triple(self.image_pooling_kernel, default=(1, 3, 3))
@@ -291,41 +281,6 @@ class PPLLaVAConfig(PreTrainedConfig):
             raise ValueError(f"vision_chunk_frames must be positive or None, got {self.vision_chunk_frames}.")
 
 
-def warn_if_untested_transformers(installed: str = transformers.__version__) -> bool:
-    """Warn once when `installed` transformers is outside `TESTED_TRANSFORMERS`; returns whether it is outside.
-
-    Newer releases are allowed (each is added to CI's newest environment as it appears), but one PPLLaVA was never
-    tested on gets a warning naming the tested range, so an incompatibility is not a silent surprise.
-    """
-    release = version.parse(installed).release[:2]
-    oldest, newest = (version.parse(bound).release[:2] for bound in TESTED_TRANSFORMERS)
-    outside = not oldest <= release <= newest
-    if outside:
-        logger.warning_once(
-            f"PPLLaVA was tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}; you have "
-            f"{installed}. If something fails, install a tested release (pip install 'transformers>="
-            f"{TESTED_TRANSFORMERS[0]},<{newest[0]}.{newest[1] + 1}') and report the failure."
-        )
-    return outside
-
-
-def first_free_token_id(after: int, vocab_size: int, taken) -> int:
-    """The first id above `after` that `taken` (ids of pad/BOS/EOS, ...; `None`s and lists allowed) does not use, inside a
-    `vocab_size`-row embedding: the row a placeholder without its own token (LLaVA-NeXT's video) can take."""
-    used = set()
-    for value in taken:
-        used.update(value if isinstance(value, (list, tuple)) else [value])
-    candidate = after + 1
-    while candidate in used:
-        candidate += 1
-    if candidate >= vocab_size:
-        raise ValueError(
-            f"The vocabulary ({vocab_size} rows) has no free row after id {after} for the video placeholder: pass "
-            "video_token_id=<a row your tokenizer does not use>, or grow the embeddings first (resize_token_embeddings)."
-        )
-    return candidate
-
-
 def _triple(value, default=None) -> list[int] | None:
     """Normalise a (frames, rows, columns) size to a list of three ints."""
     if value is None:
@@ -335,4 +290,4 @@ def _triple(value, default=None) -> list[int] | None:
     return [int(v) for v in value]
 
 
-__all__ = ["PPLLaVAConfig", "TESTED_TRANSFORMERS", "first_free_token_id", "warn_if_untested_transformers"]
+__all__ = ["PPLLaVAConfig"]

@@ -82,17 +82,6 @@ def check_labels(labels: torch.Tensor, input_shape: torch.Size) -> None:
         )
 
 
-def non_finite_weights(named_tensors) -> list[str]:
-    """`"name (k of n values)"` for each floating-point tensor of `(name, tensor)` pairs holding NaN or inf: weights a
-    model would load without a word, then answer with non-finite logits."""
-    found = []
-    for name, tensor in named_tensors:
-        if tensor.is_floating_point() and tensor.numel():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                found.append(f"{name} ({bad} of {tensor.numel()} values)")
-    return found
-
 
 # bitsandbytes' 4-bit data types (`bitsandbytes.functional.quantize_4bit`); another name fails only half-way through
 # loading, in transformers' conversion report.

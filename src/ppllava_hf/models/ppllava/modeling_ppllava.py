@@ -27,7 +27,7 @@ from transformers.modeling_outputs import (
     ModelOutput,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 from .configuration_ppllava import PPLLaVAConfig
 from .input_checks_ppllava import (
@@ -78,24 +78,6 @@ INITIAL_LOGIT_SCALE = {"clip_text_model": math.log(1 / 0.07), "siglip_text_model
 INITIAL_SIGLIP_LOGIT_BIAS = -10.0
 
 
-def stretch_position_embeddings(table: torch.Tensor, keep: int = 20, factor: int = 4) -> torch.Tensor:
-    """Stretch a text position table the PPLLaVA way: keep the first `keep` rows, interpolate the rest `factor`x.
-
-    Rows between consecutive kept positions are linear interpolations; the last `factor` rows extrapolate along the last
-    difference. A 77-row CLIP table becomes 20 + 4 * 57 = 248 rows; a 64-row SigLIP table becomes 196.
-    """
-    length, dim = table.shape
-    if not 0 < keep < length - 1:
-        raise ValueError(f"keep={keep} must leave at least two positions of the {length}-row table to interpolate.")
-    source = table.float()
-    fractions = torch.arange(factor, dtype=torch.float32, device=table.device) / factor
-    left, right = source[keep:-1, None], source[keep + 1 :, None]
-    interpolated = left + fractions[:, None] * (right - left)
-    extrapolated = source[-1] + fractions[:, None] * (source[-1] - source[-2])
-    stretched = torch.cat([source[:keep], interpolated.reshape(-1, dim), extrapolated], dim=0)
-    return stretched.to(table.dtype)
-
-
 class PPLLaVAExtendedTextEmbeddings(nn.Module):
     """Token embeddings plus the extended position table: a frozen base table for the first `keep_positions` positions
     and a trainable residual table for the others (both of the extended length)."""
@@ -110,12 +92,6 @@ class PPLLaVAExtendedTextEmbeddings(nn.Module):
     @property
     def num_positions(self) -> int:
         return self.position_embedding_base.shape[0]
-
-    def load_stretched_positions(self, table: torch.Tensor) -> None:
-        """Start both tables from `table` (already stretched), as the original does when it extends a stock encoder."""
-        with torch.no_grad():
-            self.position_embedding_base.copy_(table)
-            self.position_embedding_residual.copy_(table)
 
     def forward(
         self,
@@ -681,11 +657,6 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
             )
         return (model, info) if with_info else model
 
-    def _return(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
-        """`output`, or its tuple form when `return_dict` (or, when not given, `config.return_dict`) is False."""
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_tuple()
-
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -973,6 +944,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             relevance.append(clip_relevance)
         return PPLLaVAVisualOutput(**_join_vision_outputs(encoded), pooler_output=tokens, relevance=relevance)
 
+    @can_return_tuple
     def get_video_features(
         self,
         pixel_values_videos: torch.Tensor | list[torch.Tensor],
@@ -980,7 +952,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         max_visual_tokens: int | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
         r"""
@@ -1004,15 +975,15 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
         plans = [self.video_pooling_plan(video.shape[0], max_visual_tokens) for video in videos]
         output = self._encode_clips(videos, prompts, plans, *self._vision_output_flags(kwargs))
-        return self._return(output, return_dict)
+        return output
 
+    @can_return_tuple
     def get_multi_image_features(
         self,
         pixel_values_multi_image: torch.Tensor | list[torch.Tensor],
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
         r"""
@@ -1035,8 +1006,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         prompts = self._prompts_for_items(len(groups), "multi-image group", clip_input_ids, clip_attention_mask, prompt_embeds)
         plans = [self.image_pooling_plan(group.shape[0]) for group in groups]
         output = self._encode_clips(groups, prompts, plans, *self._vision_output_flags(kwargs))
-        return self._return(output, return_dict)
+        return output
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor | list[torch.Tensor],
@@ -1044,7 +1016,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         clip_input_ids: torch.LongTensor | None = None,
         clip_attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAVisualOutput | tuple:
         r"""
@@ -1077,13 +1048,14 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             tokens.append(pack_image_tokens(pooled, size, config.image_grid_pinpoints, tile_size, newline))
             relevance.append(image_relevance)
         output = PPLLaVAVisualOutput(**vision, pooler_output=tokens, relevance=relevance)
-        return self._return(output, return_dict)
+        return output
 
     def _vision_output_flags(self, kwargs: dict) -> tuple[bool, bool]:
         """The requested vision outputs (`output_hidden_states` / `output_attentions` in the keyword arguments),
         defaulting to the config's settings as transformers models do. They stay keyword arguments, not named
         parameters: `generate` removes from its model kwargs every named parameter of `get_*_features`, which would take
-        them away from the language model's forward."""
+        them away from the language model's forward. transformers' `merge_with_config_defaults` (5.19 to 5.25) fills
+        `use_cache` and the vision feature settings from the config, not these two, hence this helper."""
         output_hidden_states = kwargs.get("output_hidden_states")
         output_attentions = kwargs.get("output_attentions")
         if output_hidden_states is None:
@@ -1260,6 +1232,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1276,7 +1249,6 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         max_visual_tokens: int | None = None,
         pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
         multi_image: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVAModelOutputWithPast | tuple:
         r"""
@@ -1294,7 +1266,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             Which samples are multi-image samples (needed when a batch mixes them with anyres images).
         kwargs:
             Passed to the language model, the KV cache included under the name the installed transformers gives it
-            (`past_key_values` up to 5.23, `cache` from 5.24): PPLLaVA itself never reads the cache.
+            (`past_key_values` up to 5.23, `cache` from 5.24). PPLLaVA reads only whether the cache is empty: the
+            placeholders of a prompt must be filled, the tokens of later steps are text.
 
         The output's `last_hidden_state` is exactly as long as `input_ids`: the processor expanded every placeholder.
         """
@@ -1333,9 +1306,10 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 if bool(mask.any()):
                     inputs_embeds, hidden[modality] = self._scatter(inputs_embeds, mask, encoded.pooler_output, modality)
                     used[modality] = encoded
-            elif inputs_embeds.shape[1] > 1 and not torch.compiler.is_compiling():
-                # Decoding steps carry no placeholders; a prompt's placeholders with nothing to fill them would make
-                # the model answer from the placeholder embeddings.
+            elif not torch.compiler.is_compiling() and _reads_the_prompt(kwargs):
+                # A prompt's placeholders with nothing to fill them would make the model answer from the placeholder
+                # embeddings. Later steps (one token, or several: assisted decoding's candidates) are text, even where
+                # a generated token equals a placeholder id.
                 self._check_no_placeholders(token_id, input_ids, inputs_embeds, modality)
 
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
@@ -1357,7 +1331,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             image_outputs=used.get("image"),
             video_outputs=used.get("video"),
         )
-        return self._return(output, return_dict)
+        return output
 
     def _check_no_placeholders(
         self, token_id: int, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, modality: str
@@ -1463,13 +1437,14 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     """PPLLaVA with its LM head: video/image + text in, text out."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    _keep_in_fp32_modules = [f"model.{name}" for name in PPLLaVAModel._keep_in_fp32_modules]
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: PPLLaVAConfig):
         super().__init__(config)
         self.model = PPLLaVAModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Quantizers match these as paths from the root (`post_init` adds the child's names unprefixed, which match
+        # nothing here): `model.` + the parts this layout has.
         self._keep_in_fp32_modules = [f"model.{name}" for name in self.model._keep_in_fp32_modules]
         self.post_init()
 
@@ -1499,6 +1474,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         """See [`PPLLaVAModel.encode_multimodal`]."""
         return self.model.encode_multimodal(**kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1517,7 +1493,6 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
         max_visual_tokens: int | None = None,
         pixel_values_multi_image: torch.Tensor | list[torch.Tensor] | None = None,
         multi_image: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PPLLaVACausalLMOutputWithPast | tuple:
         r"""
@@ -1576,7 +1551,7 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
             )
         language_model_outputs = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
         output = PPLLaVACausalLMOutputWithPast(loss=loss, logits=logits, **language_model_outputs)
-        return self._return(output, return_dict)
+        return output
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
@@ -1617,6 +1592,12 @@ class PPLLaVAForConditionalGeneration(PPLLaVAPreTrainedModel, GenerationMixin):
     # generate checks its keyword arguments against this method's signature: declare the inherited one, so the cache
     # keeps whichever name the installed transformers gives it (`past_key_values` up to 5.23, `cache` from 5.24).
     prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
+
+
+def _reads_the_prompt(language_model_kwargs: dict) -> bool:
+    """Whether a forward starts the sequence: no KV cache, or an empty one, under either of its names."""
+    cache = language_model_kwargs.get("cache", language_model_kwargs.get("past_key_values"))
+    return cache is None or cache.get_seq_length() == 0
 
 
 def _move_right_padding_left(input_ids: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor | None, dict]:

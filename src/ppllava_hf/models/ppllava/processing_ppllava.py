@@ -14,7 +14,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from tokenizers import AddedToken
 from transformers import (
     BatchFeature,
     LlavaNextImageProcessorPil,
@@ -170,7 +169,7 @@ class PPLLaVAProcessor(ProcessorMixin):
         video_processor ([`PPLLaVAVideoProcessor`]): decodes, samples and normalises video frames.
         tokenizer: the LLM tokenizer; must know `<image>` and `<video>`.
         prompt_tokenizer: the tokenizer of the prompt encoder (CLIP or SigLIP text).
-        chat_template (`str`, *optional*): Jinja template (see `chat_template_ppllava`).
+        chat_template (`str`, *optional*): Jinja template (the converter writes PPLLaVA's Vicuna or ChatML one).
         image_token, video_token (`str`): placeholder strings.
         patch_size (`int`): patch size of the vision tower; with the video processor's frame size it gives the patch grid.
         video_pooling_kernel, video_pooling_stride, video_pooling_output_size, image_pooling_kernel, image_pooling_stride,
@@ -569,27 +568,6 @@ def prompt_tokenizer_problems(prompt_tokenizer: PreTrainedTokenizerBase, prompt_
         f"the prompt tokenizer ends a prompt with id {prompt_tokenizer.eos_token_id}, but the CLIP prompt encoder pools "
         f"the prompt at id {expected} (is it the prompt encoder's tokenizer?)"
     ]
-
-
-def align_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, config: PPLLaVAConfig) -> None:
-    """Make an LLM tokenizer and a config agree on the placeholders: `<image>` must already be the config's image id;
-    `<video>` is added as a special token when missing (LLaVA-NeXT tokenizers have none) and the config takes its id,
-    which must be a row of the LLM's embeddings. Raises `ValueError` otherwise."""
-    vocab = tokenizer.get_vocab()
-    if vocab.get("<image>") != config.image_token_id:
-        raise ValueError(
-            f"The LLM tokenizer's <image> is {vocab.get('<image>')}, the checkpoint's image placeholder "
-            f"{config.image_token_id}: use the tokenizer the model was trained with."
-        )
-    if "<video>" not in vocab:
-        tokenizer.add_tokens([AddedToken("<video>", special=True, normalized=False)], special_tokens=True)
-    video_token_id = tokenizer.convert_tokens_to_ids("<video>")
-    if video_token_id >= config.text_config.vocab_size:
-        raise ValueError(
-            f"The tokenizer puts <video> at id {video_token_id}, past the LLM's {config.text_config.vocab_size} "
-            "embedding rows; the model has no row for a video placeholder (grow its embeddings first)."
-        )
-    config.video_token_id = video_token_id
 
 
 def boolean_option(value, name: str) -> bool:
