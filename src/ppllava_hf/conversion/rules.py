@@ -390,11 +390,13 @@ def plan_weights(input_folder: str, config: PPLLaVAConfig, allow_pickle: bool = 
 
 def non_finite_weights(named_tensors) -> list[str]:
     """`"name (k of n values)"` for each floating-point tensor of `(name, tensor)` pairs holding NaN or inf: weights a
-    model would load without a word, then answer with non-finite logits."""
+    model would load without a word, then answer with non-finite logits. A finite sum (a reduction, no copy of the
+    tensor: a conversion's memory stays near one shard) clears a tensor; only one whose sum is not finite (NaN or inf
+    inside, or a sum too large for its dtype) has its values counted."""
     found = []
     for name, tensor in named_tensors:
-        if tensor.is_floating_point() and tensor.numel():
-            bad = int((~torch.isfinite(tensor)).sum())
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
+            bad = int(torch.isfinite(tensor).logical_not_().sum())
             if bad:
                 found.append(f"{name} ({bad} of {tensor.numel()} values)")
     return found
