@@ -37,6 +37,7 @@ from ppllava_cli import (
     LoadedModel,
     add_model_arguments,
     answer_batch,
+    check_below_folders,
     decode_or_error,
     load_model,
     resolve_device,
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 
 PART_SUFFIX = ".rank{}.part"
+UNREADABLE = "unreadable line"  # the key of a row read from a JSONL line that is not one: why not
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts"}
 
 
@@ -56,19 +58,71 @@ def read_rows(source: Path, question: str | None) -> list[dict]:
             raise SystemExit("A folder of videos needs --question.")
         videos = sorted(path for path in source.iterdir() if path.suffix.lower() in VIDEO_SUFFIXES)
         return [{"id": path.name, "video": str(path), "question": question} for path in videos]
+    if not source.is_file():
+        raise SystemExit(f"error: --input {source} does not exist; pass a folder of videos or a JSONL file.")
     rows = []
-    with source.open() as file:
+    with source.open(errors="replace") as file:
         for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            row.setdefault("id", number)
-            if question is not None:
-                row.setdefault("question", question)
-            if "video" in row and not Path(row["video"]).is_absolute():
-                row["video"] = str(source.parent / row["video"])
-            rows.append(row)
+            if line.strip():
+                rows.append(read_row(line, number, source, question))
     return rows
+
+
+def read_row(line: str, number: int, source: Path, question: str | None) -> dict:
+    """The row of JSONL line `number`; a line that is not a JSON object of the expected fields gives a row holding why
+    (`UNREADABLE`, naming the line), recorded in the output as its error, like a video that cannot be read."""
+    where = f"line {number} of {source}"
+    try:
+        row = json.loads(line)
+    except ValueError as error:
+        return {"id": number, UNREADABLE: f"{where} is not valid JSON ({error})"}
+    if not isinstance(row, dict):
+        kind = type(row).__name__
+        return {"id": number, UNREADABLE: f'{where} is a JSON {kind}, not an object {{"video": ..., ...}}'}
+    row.setdefault("id", number)
+    if question is not None:
+        row.setdefault("question", question)
+    fields = (("id", (str, int), "string or a number"), ("video", str, "path"), ("question", str, "string"))
+    wrong = [
+        f"its {key} must be a {kind}"
+        for key, types, kind in fields
+        if key in row and (not isinstance(row[key], types) or isinstance(row[key], bool))
+    ]
+    if wrong:
+        return {"id": number, UNREADABLE: f"{where}: {', '.join(wrong)}"}
+    if "video" in row and not Path(row["video"]).is_absolute():
+        row["video"] = str(source.parent / row["video"])
+    return row
+
+
+def check_output(output: Path, source: Path) -> None:
+    """Refuse an --output that is a folder, lies below a file, is the input itself, or is a file that is not a JSONL of
+    answer rows (an earlier run's): it would be read as finished rows, or written into."""
+    if output.is_dir():
+        raise SystemExit(f"error: --output {output} is a folder; give the path of a JSONL file of answers.")
+    try:
+        check_below_folders(output, "--output")
+    except NotADirectoryError as error:
+        raise SystemExit(f"error: {error}") from None
+    if not output.exists():
+        return
+    if source.exists() and output.resolve() == source.resolve():
+        raise SystemExit(f"error: --output {output} is the --input file; give another path for the answers.")
+    for number, line in enumerate(output.read_bytes().splitlines(), 1):
+        if line.strip() and not is_answer_row(line):
+            raise SystemExit(
+                f"error: --output {output} is not a JSONL file of answers (line {number} is not a row with an id and "
+                "an answer or error); choose a new file, or the output of an earlier run to resume it."
+            )
+
+
+def is_answer_row(line: bytes) -> bool:
+    """Whether `line` is a row this script writes: a JSON object with an `id` and an `answer` or an `error`."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and ("answer" in row or "error" in row)
 
 
 def finished_ids(output: Path) -> set:
@@ -109,6 +163,9 @@ def answer_rows(loaded: LoadedModel, rows: list[dict], args: argparse.Namespace)
     num_frames = args.num_frames or loaded.processor.video_processor.num_frames
     results, ready = {}, []
     for index, row in enumerate(rows):
+        if UNREADABLE in row:
+            results[index] = {"error": row[UNREADABLE]}
+            continue
         if "video" not in row or "question" not in row:
             results[index] = {"error": "the row needs a 'video' and a 'question'"}
             continue
@@ -172,6 +229,7 @@ def run(args: argparse.Namespace, state: PartialState) -> dict:
     processes."""
     if args.device == "auto":
         args.device = str(state.device)
+    check_output(args.output, args.input)
     rows = read_rows(args.input, args.question)
     if state.is_main_process:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,16 @@
 answering a batch of video questions in one `generate` call."""
 
 import argparse
+import filecmp
+import json
 import os
+import shutil
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +45,79 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-visual-tokens", type=int, default=None,
                        help="Visual-token budget per video (default: the model config's).")
     group.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    """--debug: show the traceback of an error instead of its one line."""
+    parser.add_argument("--debug", action="store_true", help="On an error, show its Python traceback too.")
+
+
+@contextmanager
+def errors_as_one_line(debug: bool) -> Iterator[None]:
+    """Ordinary mistakes (a missing or unreadable file, a path below a file, a full disk: `OSError` / `ValueError`)
+    end the script with one line on stderr and exit status 1; with `debug` the traceback is shown instead."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        if debug:
+            raise
+        raise SystemExit(f"error: {error}") from None
+
+
+def check_below_folders(path: Path, flag: str) -> None:
+    """Raise `NotADirectoryError` when `path` would lie below a file (the nearest existing parent is not a folder)."""
+    parent = next(folder for folder in Path(path).parents if folder.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is below {parent}, which is a file, not a folder; choose a folder.")
+
+
+def write_new_or_same(target: Path, write: Callable[[Path], object]) -> None:
+    """`write(path)` a file or folder for `target` beside it, then put it in place if `target` is new (or an empty
+    folder); an existing `target` with the same content is kept, one with other content (a file or model the user
+    made) is never written over: `FileExistsError` names it."""
+    target = Path(target)
+    staged = target.with_name(f".{target.stem}.partial-{uuid.uuid4().hex[:8]}{target.suffix}")
+    try:
+        write(staged)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if not target.exists():
+            staged.replace(target)
+        elif not _same_content(staged, target):
+            raise FileExistsError(
+                f"{target} already exists and holds something else than what this script writes there; it was left "
+                "as it is: choose another --output-dir, or move it away."
+            )
+    finally:
+        if staged.is_dir():
+            shutil.rmtree(staged)
+        elif staged.exists():
+            staged.unlink()
+
+
+def _same_content(new: Path, old: Path) -> bool:
+    """Whether `old` holds what `new` does: the same files with the same bytes (JSON files: the same values, whichever
+    transformers release wrote them)."""
+    if new.is_dir() != old.is_dir():
+        return False
+    if not new.is_dir():
+        return _same_file(new, old)
+    names = sorted(path.relative_to(new) for path in new.rglob("*") if path.is_file())
+    existing = sorted(path.relative_to(old) for path in old.rglob("*") if path.is_file())
+    return names == existing and all(_same_file(new / name, old / name) for name in names)
+
+
+def _same_file(new: Path, old: Path) -> bool:
+    if new.suffix != ".json":
+        return filecmp.cmp(new, old, shallow=False)
+    try:
+        values = [json.loads(path.read_text()) for path in (new, old)]
+    except (ValueError, UnicodeDecodeError):
+        return False
+    for value in values:
+        if isinstance(value, dict):
+            value.pop("transformers_version", None)
+    return values[0] == values[1]
 
 
 @dataclass

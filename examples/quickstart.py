@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 
 import torch
-from ppllava_cli import EMBEDDED_DEFAULT_NOTE, add_model_arguments, load_model
+from ppllava_cli import (
+    EMBEDDED_DEFAULT_NOTE,
+    add_debug_argument,
+    add_model_arguments,
+    check_below_folders,
+    errors_as_one_line,
+    load_model,
+    write_new_or_same,
+)
 
 from ppllava_hf.relevance import VideoRelevance, known_timestamps, model_view_frames
 from ppllava_hf.testing.embedded_default import SAMPLE_CLIP, SAMPLE_QUESTION, write_sample_video
@@ -36,12 +44,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--question", default=SAMPLE_QUESTION, help="Question; it also guides the pooling.")
     parser.add_argument("--top-k", type=int, default=3, help="Moments to list on the timeline.")
     add_model_arguments(parser)
+    add_debug_argument(parser)
     parser.set_defaults(max_new_tokens=32)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the quickstart; a mistake (a --video that cannot be read, an --output-dir below a file or holding another
+    model, a full disk) ends it with one line on stderr and exit status 1 (`--debug`: the traceback)."""
     args = parse_args(argv)
+    with errors_as_one_line(args.debug):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The quickstart itself; files it would write over something else the user made are refused, never replaced."""
+    if args.video is not None and not Path(args.video).exists():
+        raise FileNotFoundError(f"--video {args.video} does not exist; pass a video file or frame folder.")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {args.output_dir} is a file, not a folder; choose a folder.")
+    check_below_folders(args.output_dir, "--output-dir")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args)
     model, processor = loaded.model, loaded.processor
@@ -50,14 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model      {source}: {parameters / 1e6:.2f}M parameters, {model.dtype}, {model.device} "
           f"(ready in {loaded.load_seconds:.2f} s)")
     if loaded.is_embedded_default:
-        model.save_pretrained(args.output_dir / "model")
-        processor.save_pretrained(args.output_dir / "model")
+        write_new_or_same(args.output_dir / "model", lambda folder: (model.save_pretrained(folder),
+                                                                     processor.save_pretrained(folder)))
 
     video = args.video
     (ball,) = SAMPLE_CLIP.balls
     in_view = SAMPLE_CLIP.visible_interval(ball)
     if video is None:
-        video = write_sample_video(args.output_dir / "sample.mp4")
+        video = args.output_dir / "sample.mp4"
+        write_new_or_same(video, write_sample_video)
         print(f"video      {video} (a red ball rolls {ball.direction} across a meadow, in view {in_view[0]:.1f}-"
               f"{in_view[1]:.1f} s)")
     else:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from original_format import FIXTURE, vicuna_layout, write_original_checkpoint
+from safetensors.torch import load_file, save_file
 
 from ppllava_hf.conversion import cli, convert, original_checkpoint
 from ppllava_hf.conversion.convert import convert_checkpoint
@@ -60,6 +61,13 @@ def _defective_checkpoint(tmp_path: Path, defect: str) -> tuple[str, str]:
         weights = folder / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         return str(folder), f"Cannot read the weight file {weights} \\(.*\\); it may be truncated"
+    if defect == "non-finite weight":
+        weights = folder / "model.safetensors"
+        tensors = load_file(weights)
+        key = next(key for key, tensor in tensors.items() if tensor.is_floating_point())
+        tensors[key][0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+        return str(folder), f"The weight {re.escape(key)} \\(\\d+ of \\d+ values\\) in {weights} is NaN or infinite"
     if defect == "no text_config":
         config = json.loads((folder / "config.json").read_text())
         del config["text_config"]
@@ -70,7 +78,7 @@ def _defective_checkpoint(tmp_path: Path, defect: str) -> tuple[str, str]:
 
 
 DEFECTS = ["missing folder", "missing folder under an existing one", "invalid config.json", "truncated weights",
-           "no text_config", "no clip folder"]
+           "non-finite weight", "no text_config", "no clip folder"]
 
 
 @pytest.mark.parametrize("defect", DEFECTS)
@@ -84,6 +92,15 @@ def test_the_cli_names_the_problem_in_a_line_without_the_hub_or_a_traceback(tmp_
     assert re.search(message, err), err
     assert no_hub == []
     assert not output.exists() and _leftovers(tmp_path) == []
+
+
+def test_an_output_below_a_file_is_refused_in_a_line_leaving_the_file_as_it_was(tmp_path, no_hub, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    assert cli.main(["--input", str(CHECKPOINT), "--output", str(blocker / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"inside {blocker}, which is a file, not a folder (NotADirectoryError)" in err and err.count("\n") == 1, err
+    assert blocker.read_text() == "mine" and _leftovers(tmp_path) == []
 
 
 def test_a_prompt_encoder_config_that_is_not_clip_or_siglip_is_named(tmp_path, no_hub):

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
 
+from ppllava_hf import PPLLaVAProcessor
 from ppllava_hf.testing.embedded_default import (
     EMBEDDED_DEFAULT_FOLDER_NAME,
     build_embedded_default,
@@ -90,6 +92,67 @@ def test_weights_that_do_not_fill_the_model_are_refused_by_name(tmp_path, change
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"(?s)do not fit.*{change} keys \['{key}'\].*train_embedded_default\.py"):
         build_embedded_default(folder=folder)
+
+
+def _shipped_copy(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(embedded_default_folder(), tmp_path / "copy"))
+
+
+def test_a_reshaped_weight_is_refused_by_name(tmp_path):
+    folder = _shipped_copy(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state["lm_head.weight"][:, :-1].contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not fit.*mismatched keys \[\('lm_head\.weight'"):
+        build_embedded_default(folder=folder)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value):
+    folder = _shipped_copy(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"][:] = value
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    count = state["lm_head.weight"].numel()
+    with pytest.raises(ValueError, match=rf"NaN or infinite: lm_head\.weight \({count} of {count} values\);"):
+        build_embedded_default(folder=folder)
+
+
+def test_a_truncated_weight_file_is_refused_naming_the_file(tmp_path):
+    folder = _shipped_copy(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"Cannot read the weight file {weights}: .* the file is truncated\."):
+        build_embedded_default(folder=folder)
+
+
+def test_from_pretrained_names_a_truncated_weight_file_and_a_reshaped_weight(tmp_path):
+    folder = _shipped_copy(tmp_path)
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    state["lm_head.weight"] = state["lm_head.weight"][:, :-1].contiguous()
+    save_file(state, weights, metadata={"format": "pt"})
+    shapes = r"lm_head\.weight \(512, 63\) \(the config's: \(512, 64\)\)\. The weights or the config\.json were changed"
+    with pytest.raises(ValueError, match=rf"have other shapes than its config gives them: {shapes}"):
+        AutoModelForImageTextToText.from_pretrained(folder)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"Cannot read the weight file {weights}: its tensors need \d+ bytes but"):
+        AutoModelForImageTextToText.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "prompt_tokenizer/tokenizer.json", "processor_config.json"])
+def test_a_processor_file_that_is_not_json_is_refused_naming_it(tmp_path, name):
+    folder = _shipped_copy(tmp_path)
+    (folder / name).write_text("not json {")
+    with pytest.raises(ValueError, match=rf"{folder / name} is not valid JSON \(.*\); restore it"):
+        PPLLaVAProcessor.from_pretrained(folder)
+
+
+def test_a_processor_folder_without_the_llm_tokenizer_is_refused(tmp_path):
+    folder = _shipped_copy(tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=rf"{folder} has no LLM tokenizer \(no tokenizer\.json, "):
+        PPLLaVAProcessor.from_pretrained(folder)
 
 
 def test_the_shipped_tokenizers_are_the_ones_the_training_script_trains(embedded):

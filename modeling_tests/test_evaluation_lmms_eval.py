@@ -7,6 +7,7 @@ extra), so these tests fail, not skip, where it is missing.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,19 @@ def test_lmms_eval_cli_runs_a_local_task_and_writes_its_results(files, tmp_path)
 def test_unusable_model_args_are_refused_with_the_fix(files, model_args, message):
     with pytest.raises(ValueError, match=message):
         PPLLaVALmmsEval.create_from_arg_string(f"pretrained={files['model']},{model_args}")
+
+
+@pytest.mark.parametrize("num_frames", ["0", "-4", "2.5", "many"])
+def test_a_frame_count_below_one_or_not_whole_is_refused_before_the_model_loads(files, monkeypatch, num_frames):
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match=r"num_frames must be a whole number of at least 1 \(or left out for the "):
+        PPLLaVALmmsEval.create_from_arg_string(f"pretrained={files['model']},num_frames={num_frames}")
+
+
+@pytest.mark.parametrize("pretrained", ["{tmp}/no_such_model", "./no_such_model", "runs/2026/no_such_model"])
+def test_an_absent_local_pretrained_folder_is_named_as_missing_without_the_hub(tmp_path, monkeypatch, pretrained):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: pytest.fail("Hub asked"))
+    source = pretrained.format(tmp=tmp_path)
+    with pytest.raises(ValueError, match=rf"^pretrained={re.escape(source)} does not exist; pass a PPLLaVA model"):
+        PPLLaVALmmsEval.create_from_arg_string(f"pretrained={source}")

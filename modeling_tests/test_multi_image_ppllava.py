@@ -101,6 +101,36 @@ def test_a_wrong_image_count_is_reported_with_multi_image(processor):
         processor(text=prompt(2), images=images((84, 84)), multi_image=True)
 
 
+@pytest.mark.parametrize("multi_image", [True, False])
+def test_an_empty_image_list_is_a_text_only_sample_the_model_answers(processor, model, multi_image):
+    text = "USER: What is in the picture? ASSISTANT: "
+    inputs = processor(text=text, images=[], multi_image=multi_image)
+    text_only = processor(text=text)
+    assert sorted(inputs) == sorted(text_only)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        torch.testing.assert_close(logits, model(**text_only).logits)
+
+
+def test_the_model_reads_an_empty_list_of_multi_image_groups_as_none(processor, model):
+    inputs = processor(text="USER: What is in the picture? ASSISTANT: ")
+    with torch.no_grad():
+        logits = model(**inputs, pixel_values_multi_image=[], multi_image=torch.tensor([True])).logits
+        torch.testing.assert_close(logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("flag, grouped", [("false", False), ("True", True), (False, False), (np.bool_(True), True)])
+def test_the_multi_image_switch_takes_bools_and_the_strings_true_and_false(processor, flag, grouped):
+    inputs = processor(text=prompt(1), images=images((84, 84)), multi_image=flag)
+    assert ("pixel_values_multi_image" in inputs) == grouped
+
+
+@pytest.mark.parametrize("flag", ["yes", "0", 1, None, [True, "no"]])
+def test_a_multi_image_switch_that_is_not_true_or_false_is_refused(processor, flag):
+    with pytest.raises(ValueError, match=r"multi_image must be True or False \(or the string 'true' / 'false'\), got"):
+        processor(text=[prompt(1), prompt(1)], images=[images((84, 84)), images((84, 84))], multi_image=flag)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Chat template
 

@@ -259,6 +259,19 @@ def test_timestamps_of_frame_arrays_need_their_fps():
     assert "sampled at 0.0, 0.5 seconds" in processor.decode(inputs["input_ids"][0])
 
 
+@pytest.mark.parametrize("flag, written", [("false", False), ("TRUE", True)])
+def test_add_timestamps_reads_the_strings_true_and_false(flag, written):
+    processor = tiny_processor("vicuna")
+    inputs = processor(text="<video> When?", videos=[frames(2)], add_timestamps=flag, video_metadata=[{"fps": 2.0}])
+    assert ("sampled at" in processor.decode(inputs["input_ids"][0])) == written
+
+
+def test_an_add_timestamps_that_is_not_true_or_false_is_refused():
+    processor = tiny_processor("vicuna")
+    with pytest.raises(ValueError, match="add_timestamps must be True or False .* got 'no'"):
+        processor(text="<video> When?", videos=[frames(2)], add_timestamps="no", video_metadata=[{"fps": 2.0}])
+
+
 def test_num_frames_and_fps_per_call(clips):
     processor = tiny_processor("qwen")
     assert processor(text="<video> hi", videos=clips["mp4"], num_frames=5)["pixel_values_videos"].shape[1] == 5

@@ -53,6 +53,14 @@ def test_a_quantized_load_converts_the_language_models_linear_layers_only(tiny_f
     assert any(name.startswith(f"{prefix}vision_tower.") for name in unquantized)
 
 
+def test_an_unknown_4bit_quant_type_is_refused_by_name_before_loading(tiny_folder, monkeypatch):
+    folder, _, _ = tiny_folder
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", lambda *args, **kwargs: pytest.fail("a weight was quantized"))
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf5")
+    with pytest.raises(ValueError, match=r"quant_type='nf5'\) is not a 4-bit type bitsandbytes knows: use 'nf4' or "):
+        AutoModelForImageTextToText.from_pretrained(folder, quantization_config=quantization)
+
+
 def test_a_4bit_model_encodes_videos_exactly_as_the_unquantized_one_and_generates(tiny_folder):
     folder, reference, processor = tiny_folder
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, quantization_config=QUANTIZATION[4])

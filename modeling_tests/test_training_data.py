@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from PIL import Image
 from training_tester import NUM_FRAMES, cpu_args, single_threaded, tiny_model_and_processor  # noqa: F401
 from video_test_files import write_video
 
@@ -112,6 +113,23 @@ def test_decoding_check_catches_a_file_whose_header_opens(media, processor):
     assert check(processor, folder, rows, video_check="open")[1] == []
     _, skipped = check(processor, folder, rows, video_check="decode")
     assert [(row.index, row.kind) for row in skipped] == [(1, "unreadable video")]
+
+
+@pytest.mark.parametrize("video_check", ["open", "decode"])
+def test_a_frame_folder_video_is_kept_and_counted_alike_under_either_check(media, processor, tmp_path, video_check):
+    folder, videos = media
+    frames = tmp_path / "red_frames"
+    frames.mkdir()
+    for index, frame in enumerate(color_frames("red", NUM_FRAMES)):
+        Image.fromarray(frame).save(frames / f"{index:03d}.png")
+    (tmp_path / "empty_frames").mkdir()
+    rows = tiny_preference_rows(videos, 3)
+    rows[1]["video"], rows[2]["video"] = str(frames), str(tmp_path / "empty_frames")
+    dataset, skipped = check(processor, folder, rows, video_check=video_check)
+    assert len(dataset) == 2 and [(row.index, row.kind) for row in skipped] == [(2, "unreadable video")]
+    paths = (str(frames), os.path.join(folder, "red.mp4"))
+    added = {visual_tokens_added(processor, [path], [], video_check) for path in paths}
+    assert added == {processor.num_video_tokens(NUM_FRAMES) - 1}
 
 
 def test_a_video_that_fails_while_training_names_its_row(media, processor):
@@ -237,6 +255,14 @@ def test_videos_fill_the_conversation_in_order_from_paths_or_frames(media):
     simple = conversation_with_media({"messages": messages, "video": "red.mp4"}, folder)
     video_first = [{"type": "video", "video": os.path.join(folder, "red.mp4")}, {"type": "text", "text": "Q?"}]
     assert simple[0]["content"] == video_first
+
+
+def test_an_images_column_holding_one_path_string_is_that_one_image(media):
+    folder, _ = media
+    messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    conversation = conversation_with_media({"messages": messages, "images": "a.png"}, folder)
+    assert conversation[0]["content"][0] == {"type": "image", "image": os.path.join(folder, "a.png")}
+    assert len(conversation[0]["content"]) == 2
 
 
 def test_rows_with_frames_instead_of_files_train_the_same_way(media, processor):

@@ -192,3 +192,18 @@ def test_quantizers_skip_keep_in_fp32_modules_by_path_prefix_and_upcast_them_for
     kept = {param.dtype for param in model.model.layers[0].parameters()}
     assert kept == {torch.float32 if dtype == torch.float16 else dtype}
     assert model.model.layers[2].input_layernorm.weight.dtype == dtype
+
+
+def test_loading_info_lists_mismatched_keys_with_checkpoint_then_model_shape(tmp_path):
+    """`PPLLaVAPreTrainedModel.from_pretrained` loads with `ignore_mismatched_sizes=True, output_loading_info=True` and
+    names each reshaped weight from `mismatched_keys`, read as `(key, checkpoint shape, model shape)`. If this fails,
+    transformers changed that entry of the loading info: adapt the error in `from_pretrained`."""
+    LlamaForCausalLM(LlamaConfig(**TEXT)).save_pretrained(tmp_path)
+    wider = LlamaConfig(**{**TEXT, "vocab_size": TEXT["vocab_size"] + 2})
+    _, info = LlamaForCausalLM.from_pretrained(tmp_path, config=wider, ignore_mismatched_sizes=True,
+                                               output_loading_info=True)
+    vocab, hidden = TEXT["vocab_size"], TEXT["hidden_size"]
+    assert sorted((key, tuple(saved), tuple(model)) for key, saved, model in info["mismatched_keys"]) == [
+        ("lm_head.weight", (vocab, hidden), (vocab + 2, hidden)),
+        ("model.embed_tokens.weight", (vocab, hidden), (vocab + 2, hidden)),
+    ]

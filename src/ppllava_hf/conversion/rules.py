@@ -388,6 +388,20 @@ def plan_weights(input_folder: str, config: PPLLaVAConfig, allow_pickle: bool = 
     return WeightPlan(plan.files, _output_names(len(plan.files)), sum(os.path.getsize(path) for path in plan.files))
 
 
+def non_finite_weights(named_tensors) -> list[str]:
+    """`"name (k of n values)"` for each floating-point tensor of `(name, tensor)` pairs holding NaN or inf: weights a
+    model would load without a word, then answer with non-finite logits. A finite sum (a reduction, no copy of the
+    tensor: a conversion's memory stays near one shard) clears a tensor; only one whose sum is not finite (NaN or inf
+    inside, or a sum too large for its dtype) has its values counted."""
+    found = []
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
+            bad = int(torch.isfinite(tensor).logical_not_().sum())
+            if bad:
+                found.append(f"{name} ({bad} of {tensor.numel()} values)")
+    return found
+
+
 def write_weights(plan: WeightPlan, output_folder: str, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Convert the planned weights shard by shard into safetensors shards of our layout: one input shard at a time is
     read (memory-mapped), converted and written, so memory holds about one shard, never the whole model. Floating-point
@@ -402,7 +416,14 @@ def write_weights(plan: WeightPlan, output_folder: str, dtype: torch.dtype | Non
             if ours is None:
                 continue
             tensor = convert_tensor(key, tensor)
-            converted[ours] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+            tensor = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+            for problem in non_finite_weights([(key, tensor)]):
+                cast = f" once cast to {dtype}" if dtype is not None else ""
+                raise ConversionError(
+                    f"The weight {problem} in {path} is NaN or infinite{cast}: the checkpoint is damaged (download it "
+                    "again)" + (f", or {dtype} cannot hold it (choose another --dtype)." if cast else ".")
+                )
+            converted[ours] = tensor
         target = os.path.join(output_folder, name)
         try:
             save_file(converted, target, metadata={"format": "pt"})

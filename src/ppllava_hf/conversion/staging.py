@@ -16,6 +16,14 @@ def check_output_folder(folder: str) -> None:
         raise ConversionError(f"The output folder {folder} is not empty; choose a new or empty folder.")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConversionError(f"The output {folder} is a file; choose a new or empty folder.")
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConversionError(
+            f"The output {folder} would be inside {parent}, which is a file, not a folder (NotADirectoryError); choose "
+            "an output whose parent folders are folders."
+        )
 
 
 def check_free_space(folder: str, num_bytes: int) -> None:

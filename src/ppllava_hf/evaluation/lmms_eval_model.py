@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from lmms_eval import utils as lmms_eval_utils
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ppllava_hf import PPLLaVAVideoMetadata, decode_video
+from ppllava_hf.conversion.original_checkpoint import is_local_path
 
 from .prompts import (
     MVBENCH_NUM_FRAMES,
@@ -41,6 +43,33 @@ from .prompts import (
 
 VIDEOMME_TASKS = ("videomme", "videomme_long", "videomme_w_subtitle", "videomme_long_w_subtitle")
 PROMPT_STYLES = ("ppllava", "task")
+
+
+def positive_whole_number(value, name: str) -> int | None:
+    """`value` (lmms-eval reads `num_frames=-4` as the float -4.0) as an int, when it is a whole number above 0;
+    `None` stays `None` (the default); anything else is refused before the model loads."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1 (or left out for the default), got {value!r}.")
+    return int(value)
+
+
+def check_pretrained_source(pretrained: str) -> None:
+    """A `pretrained=` that names a place on this machine (`conversion.original_checkpoint.is_local_path`), or that no
+    Hub id could be (`a/b/c`), must be an existing folder: the Hub would answer "Repo id must be in the form ..."
+    instead of saying that the folder is missing."""
+    source = str(pretrained)
+    if os.path.isdir(source):
+        return
+    try:
+        validate_repo_id(source)
+        hub_id = True
+    except HFValidationError:
+        hub_id = False
+    if is_local_path(source) or not hub_id:
+        what = "is a file, not a model folder" if os.path.exists(source) else "does not exist"
+        raise ValueError(f"pretrained={source} {what}; pass a PPLLaVA model folder, or a Hub id owner/name.")
 
 
 @dataclass
@@ -95,8 +124,9 @@ class PPLLaVALmmsEval(lmms):
             raise ValueError(f"dtype must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}.")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive whole number ('auto' is not supported), got {batch_size!r}.")
-        self.num_frames = num_frames
-        self.max_visual_tokens = max_visual_tokens
+        check_pretrained_source(pretrained)
+        self.num_frames = positive_whole_number(num_frames, "num_frames")
+        self.max_visual_tokens = positive_whole_number(max_visual_tokens, "max_visual_tokens")
         self.batch_size_per_device = int(batch_size)
         self.prompts = prompts
         self.subtitles_dir = subtitles_dir

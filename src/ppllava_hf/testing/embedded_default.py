@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..conversion.rules import non_finite_weights
 from ..models.ppllava.configuration_ppllava import PPLLaVAConfig
 from ..models.ppllava.modeling_ppllava import PPLLaVAForConditionalGeneration
 from ..models.ppllava.processing_ppllava import PPLLaVAProcessor
@@ -61,16 +62,20 @@ def build_embedded_default(
     num_frames: int = EMBEDDED_DEFAULT_NUM_FRAMES, folder: str | Path | None = None
 ) -> tuple[PPLLaVAForConditionalGeneration, PPLLaVAProcessor]:
     """The trained embedded default (float32, eval mode) and its processor sampling `num_frames` frames per video, read
-    from `folder` (default: the shipped one). Weights that do not fill the model exactly raise a `ValueError` naming
-    the keys, instead of leaving them randomly initialised."""
+    from `folder` (default: the shipped one). A weight file that cannot be read (see `from_pretrained`), weights that do
+    not fill the model exactly (missing, unexpected or reshaped keys) and weights that are NaN or infinite raise a
+    `ValueError` naming the file or the tensors, instead of loading a model that answers wrongly."""
     folder = Path(folder or embedded_default_folder())
-    model, loading = PPLLaVAForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    rewrite = "write them again with `python examples/train_embedded_default.py --output-dir <that folder>`"
+    model, loading = PPLLaVAForConditionalGeneration.from_pretrained(
+        folder, output_loading_info=True, ignore_mismatched_sizes=True
+    )
     problems = [f"{kind.replace('_', ' ')} {sorted(keys)}" for kind, keys in loading.items() if kind != "error_msgs" and keys]
     if problems:
-        raise ValueError(
-            f"The weights in {folder} do not fit the embedded default ({'; '.join(problems)}); write them again with "
-            "`python examples/train_embedded_default.py --output-dir <that folder>`."
-        )
+        raise ValueError(f"The weights in {folder} do not fit the embedded default ({'; '.join(problems)}); {rewrite}.")
+    non_finite = non_finite_weights(model.state_dict().items())
+    if non_finite:
+        raise ValueError(f"The weights in {folder} are NaN or infinite: {', '.join(non_finite)}; {rewrite}.")
     model.eval()
     model.generation_config.max_new_tokens = EMBEDDED_DEFAULT_MAX_NEW_TOKENS
     processor = PPLLaVAProcessor.from_pretrained(folder)

@@ -204,9 +204,10 @@ def load_row_video(
 
 def count_video_frames(processor: PPLLaVAProcessor, video: Any, video_check: VideoCheck) -> int:
     """How many frames `processor` turns `video` into. Files are opened (`"open"`: header only) or decoded
-    (`"decode"`); a bad file raises `VideoDecodingError` saying what is wrong with it."""
+    (`"decode"`); frame folders are read (their sampled images) under both; a bad file raises `VideoDecodingError`
+    saying what is wrong with it."""
     video_processor = processor.video_processor
-    if isinstance(video, str) and video_check == "open":
+    if isinstance(video, str) and video_check == "open" and not os.path.isdir(video):  # a frame folder is read below
         sample = getattr(video_processor, "do_sample_frames", None) is not False
         num_frames, fps = (video_processor.num_frames, video_processor.fps) if sample else (None, None)
         with PyAVVideoReader(video) as reader:

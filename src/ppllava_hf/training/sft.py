@@ -36,6 +36,7 @@ Usage (`examples/train_sft.py` is the full script):
     trainer.train()
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -70,6 +71,8 @@ def conversation_with_media(row: dict[str, Any], media_folder: str | None = None
         raise BadRowError("its conversation has no assistant turn to learn from", kind="no assistant turn")
     for modality, (single, several, resolve) in _MEDIA.items():
         given = row.get(several) or ([row[single]] if row.get(single) is not None else [])
+        if isinstance(given, (str, os.PathLike)):  # `images: "a.png"`: one path, not a list of characters
+            given = [given]
         blocks = [block for message in messages for block in message["content"] if block["type"] == modality]
         if not blocks and given:
             first_user = next((message for message in messages if message["role"] == "user"), None)

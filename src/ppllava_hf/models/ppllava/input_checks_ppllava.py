@@ -4,6 +4,9 @@
 Checks that read tensor values (token id ranges, mask rows) are skipped while torch.compile traces.
 """
 
+import json
+import os
+
 import torch
 
 
@@ -77,3 +80,53 @@ def check_labels(labels: torch.Tensor, input_shape: torch.Size) -> None:
             "tokens (e.g. labels = inputs['input_ids'].clone(), with -100 where no loss is wanted), not from the "
             "unexpanded text."
         )
+
+
+
+# bitsandbytes' 4-bit data types (`bitsandbytes.functional.quantize_4bit`); another name fails only half-way through
+# loading, in transformers' conversion report.
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+
+
+def check_quantization_config(quantization_config) -> None:
+    """A 4-bit bitsandbytes `quantization_config` (a `BitsAndBytesConfig` or its dict) must name a data type that
+    bitsandbytes has, checked when the model is built, before any weight is loaded."""
+    if quantization_config is None:
+        return
+    values = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    quant_type = values.get("bnb_4bit_quant_type", "nf4")
+    if values.get("load_in_4bit") and quant_type not in BNB_4BIT_QUANT_TYPES:
+        raise ValueError(
+            f"BitsAndBytesConfig(bnb_4bit_quant_type={quant_type!r}) is not a 4-bit type bitsandbytes knows: use "
+            f"{' or '.join(map(repr, BNB_4BIT_QUANT_TYPES))} (NF4 is the QLoRA default)."
+        )
+
+
+def check_weight_files(folder: str) -> None:
+    """Every `*.safetensors` file of a local model `folder` must hold the tensors its header declares: a truncated or
+    damaged file otherwise fails inside safetensors ("incomplete metadata, file not fully covered"), naming no file."""
+    if not os.path.isdir(folder):
+        return  # a Hub id: downloads are checked by the Hub client
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors") and os.path.isfile(path):
+            problem = _safetensors_problem(path)
+            if problem:
+                raise ValueError(f"Cannot read the weight file {path}: {problem}. Download or save the model again.")
+
+
+def _safetensors_problem(path: str) -> str | None:
+    """What is wrong with a safetensors file, read from its header (8 bytes of length, then JSON) and its size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or 8 + length > size:
+            return f"it is {size} bytes, shorter than its header: the file is truncated"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not a safetensors header: the file is damaged, or no safetensors file"
+    if 8 + length + end > size:
+        return f"its tensors need {8 + length + end} bytes but the file has {size}: the file is truncated"
+    return None

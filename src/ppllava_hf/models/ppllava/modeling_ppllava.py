@@ -3,6 +3,7 @@
 import inspect
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,14 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 from .configuration_ppllava import PPLLaVAConfig
-from .input_checks_ppllava import check_attended_rows, check_labels, check_pixel_batch, check_token_ids
+from .input_checks_ppllava import (
+    check_attended_rows,
+    check_labels,
+    check_pixel_batch,
+    check_quantization_config,
+    check_token_ids,
+    check_weight_files,
+)
 from .token_counts_ppllava import (
     PoolingPlan,
     Triple,
@@ -624,6 +632,31 @@ class PPLLaVAPreTrainedModel(PreTrainedModel):
     # A decoding step (no placeholders, no pixels) is the language model alone: it compiles as one graph.
     _can_compile_fullgraph = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """[`PreTrainedModel.from_pretrained`], with errors that name what is wrong rather than point at the logged load
+        report: a local weight file that is truncated or damaged is named, and weights whose shape differs from the
+        config's are listed by key (`ignore_mismatched_sizes=True` re-initialises them, as transformers does)."""
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_weight_files(os.path.normpath(folder))
+        if kwargs.get("ignore_mismatched_sizes"):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        with_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+        )
+        if info["mismatched_keys"]:
+            shapes = "; ".join(
+                f"{key} {tuple(saved)} (the config's: {tuple(expected)})"
+                for key, saved, expected in info["mismatched_keys"]
+            )
+            raise ValueError(
+                f"Weights of {pretrained_model_name_or_path} have other shapes than its config gives them: {shapes}. "
+                "The weights or the config.json were changed; restore them (ignore_mismatched_sizes=True would load "
+                "those weights freshly initialised)."
+            )
+        return (model, info) if with_info else model
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -654,6 +687,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
 
     def __init__(self, config: PPLLaVAConfig):
         super().__init__(config)
+        check_quantization_config(getattr(config, "quantization_config", None))  # from_pretrained sets it before this
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.btadapter = (
             PPLLaVABTAdapter(
@@ -1122,6 +1156,8 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         prompt_keys = clip_input_ids if clip_attention_mask is None else torch.cat([clip_input_ids, clip_attention_mask], -1)
         outputs = {}
         image_parts = []
+        if pixel_values_multi_image is not None and len(pixel_values_multi_image) == 0:
+            pixel_values_multi_image = None  # multi-image samples without images: text-only samples
         if pixel_values is not None or pixel_values_multi_image is not None:
             image_mask = self._placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
             group_rows = _multi_image_rows(

@@ -5,7 +5,10 @@ scatter into it, tokenize, process pixels), it tokenizes one *pooling prompt* pe
 tokenizer (CLIP or SigLIP): the text that guides which patches the model keeps when it pools the visual tokens.
 """
 
+import glob
 import itertools
+import json
+import os
 import re
 from collections.abc import Mapping
 
@@ -289,7 +292,9 @@ class PPLLaVAProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "PPLLaVAProcessor":
         """transformers' loading, then the checks that the parts of the folder belong together: the prompt tokenizer
         must not be the LLM tokenizer (transformers falls back to the root folder's tokenizer when the folder lacks
-        its `prompt_tokenizer/`), and where the folder holds the model's config, `check_config` must pass."""
+        its `prompt_tokenizer/`), and where the folder holds the model's config, `check_config` must pass. A local
+        folder whose JSON files do not parse, or that has no LLM tokenizer, is refused first, naming the file."""
+        _check_processor_folder(os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or ""))
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if processor.prompt_tokenizer.get_vocab() == processor.tokenizer.get_vocab():
             raise ValueError(
@@ -377,9 +382,14 @@ class PPLLaVAProcessor(ProcessorMixin):
         prompts = self._pooling_prompts(texts, kwargs.pop("pooling_prompt", None), kwargs.pop("chat_pooling_prompt", None))
         if videos is not None:
             videos = canonical_videos(videos)
-        if kwargs.get("multi_image"):
-            flags = one_per_item(kwargs["multi_image"], len(texts), "multi_image", item="text sample")
-            kwargs["multi_image"] = [bool(flag) for flag in flags]
+        if _holds_no_image(images):  # `images=[]` (a text-only sample) is no images, in any mode
+            images = None
+        if "add_timestamps" in kwargs:
+            kwargs["add_timestamps"] = boolean_option(kwargs["add_timestamps"], "add_timestamps")
+        flags = one_per_item(kwargs.pop("multi_image", False), len(texts), "multi_image", item="text sample")
+        flags = [boolean_option(flag, "multi_image") for flag in flags]
+        if any(flags):
+            kwargs["multi_image"] = flags
             if images is not None:
                 images = self._images_per_sample(texts, images)
         outputs = super().__call__(images=images, text=texts, videos=videos, **kwargs)
@@ -558,6 +568,49 @@ def prompt_tokenizer_problems(prompt_tokenizer: PreTrainedTokenizerBase, prompt_
         f"the prompt tokenizer ends a prompt with id {prompt_tokenizer.eos_token_id}, but the CLIP prompt encoder pools "
         f"the prompt at id {expected} (is it the prompt encoder's tokenizer?)"
     ]
+
+
+def boolean_option(value, name: str) -> bool:
+    """An on/off option as a bool: `True` / `False` (numpy's too), or the strings "true" / "false" that YAML and command
+    lines give (any case); anything else is refused, never read by truthiness ("false" would switch it on)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{name} must be True or False (or the string 'true' / 'false'), got {value!r}.")
+
+
+def _holds_no_image(images) -> bool:
+    """Whether `images` is an empty list, or a list of empty lists (a batch of text-only samples)."""
+    return isinstance(images, (list, tuple)) and all(_holds_no_image(item) for item in images)
+
+
+# Files of a saved processor that are JSON, and the files any one of which holds an LLM tokenizer.
+_PROCESSOR_JSON_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "prompt_tokenizer/tokenizer.json", "prompt_tokenizer/tokenizer_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.*", "*.tiktoken")
+
+
+def _check_processor_folder(folder: str) -> None:
+    """Refuse a local processor folder with a JSON file that does not parse (a bare `JSONDecodeError` otherwise), or
+    without the LLM tokenizer (transformers' "Couldn't instantiate the backend tokenizer"), naming the file."""
+    if not os.path.isdir(folder):
+        return  # a Hub id: transformers downloads and reports
+    folder = os.path.normpath(folder)
+    for name in _PROCESSOR_JSON_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    json.load(handle)
+            except (ValueError, UnicodeDecodeError) as error:
+                message = f"{path} is not valid JSON ({error}); restore it, or save the processor again."
+                raise ValueError(message) from None
+    if not any(glob.glob(os.path.join(glob.escape(folder), pattern)) for pattern in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} has no LLM tokenizer (no {', '.join(_TOKENIZER_FILES)} file); copy the LLM's tokenizer files "
+            "there, or save the processor again."
+        )
 
 
 def _tensor_type(values) -> str | None:
