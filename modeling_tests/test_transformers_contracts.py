@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
-    AutoConfig,
     BitsAndBytesConfig,
     CLIPTextConfig,
     CLIPTextModel,
@@ -28,7 +27,6 @@ from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     AutoVideoProcessor,
     CLIPAttention,
     SiglipMLP,
-    SubConfigSpec,
     VideoProcessorMixin,
     replace_text_embeddings,
     slice_logits_to_keep,
@@ -117,16 +115,6 @@ def test_siglip_mlp_keeps_its_call_signature():
     assert SiglipMLP(config)(hidden).shape == hidden.shape
     assert {name for name, _ in SiglipMLP(config).named_parameters()} == {"fc1.weight", "fc1.bias", "fc2.weight",
                                                                             "fc2.bias"}
-
-
-def test_sub_config_specs_build_the_declared_sub_configs():
-    spec = PPLLaVAConfig.sub_configs_defaults["prompt_encoder_config"]
-    assert isinstance(spec, SubConfigSpec) and spec.model_type == "clip_text_model"
-    config = PPLLaVAConfig(text_config={"model_type": "qwen2", **{k: v for k, v in TEXT.items()}, "num_key_value_heads": 2})
-    assert config.text_config.model_type == "qwen2"
-    assert config.prompt_encoder_config.max_position_embeddings == 248  # from the spec's init_kwargs
-    assert set(PPLLaVAConfig.sub_configs) == {"vision_config", "text_config", "prompt_encoder_config"}
-    assert type(config.vision_config) is type(AutoConfig.for_model("clip_vision_model"))
 
 
 def test_slice_logits_to_keep_keeps_the_last_positions_or_the_given_ones():

@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     ProcessingKwargs,
     ProcessorMixin,
+    TextKwargs,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
 from transformers.processing_utils import ImagesKwargs, Unpack
@@ -126,7 +127,7 @@ class PPLLaVAImagesKwargs(ImagesKwargs, total=False):
     multi_image: bool | list[bool]
 
 
-class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
+class PPLLaVATextKwargs(TextKwargs, total=False):
     """
     pooling_prompt (`str` or `list[str | None]`):
         The text that guides the pooling of each sample's videos and images: one per sample (`None` entries fall back to
@@ -134,14 +135,32 @@ class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
     chat_pooling_prompt (`list[str]`):
         Set by `apply_chat_template`: the last user turn of each conversation (used when `pooling_prompt` is not given).
 
-    The video options `max_visual_tokens` and `add_timestamps` are in [`PPLLaVAVideosKwargs`], `multi_image` in
-    [`PPLLaVAImagesKwargs`].
+    The processor takes both before tokenizing (they go to the prompt tokenizer, not to the LLM tokenizer); they are
+    text options because every transformers release of the supported window accepts a processor's own options there.
     """
 
-    images_kwargs: PPLLaVAImagesKwargs
-    videos_kwargs: PPLLaVAVideosKwargs
     pooling_prompt: str | list[str | None] | None
     chat_pooling_prompt: list[str] | None
+
+
+class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
+    """
+    The options of each modality: `pooling_prompt` in [`PPLLaVATextKwargs`], the video options `max_visual_tokens` and
+    `add_timestamps` in [`PPLLaVAVideosKwargs`], `multi_image` in [`PPLLaVAImagesKwargs`].
+    """
+
+    text_kwargs: PPLLaVATextKwargs
+    images_kwargs: PPLLaVAImagesKwargs
+    videos_kwargs: PPLLaVAVideosKwargs
+
+    # The defaults of each modality, in the one declaration every transformers release of the supported window reads
+    # (a TypedDict does not inherit it, so it is declared here). Video metadata always: `add_timestamps` needs the frame
+    # times (the outputs keep it only with `return_metadata=True`).
+    _defaults = {
+        "text_kwargs": {"padding": True, "return_tensors": "pt"},
+        "images_kwargs": {"return_tensors": "pt"},
+        "videos_kwargs": {"return_tensors": "pt", "return_metadata": True},
+    }
 
 
 class PPLLaVAProcessor(ProcessorMixin):
@@ -184,10 +203,6 @@ class PPLLaVAProcessor(ProcessorMixin):
     skip_tensor_conversion = [
         "video_metadata", "text_replacement_offsets", "pixel_values_videos", "pixel_values_multi_image"
     ]
-    text_kwargs = {"padding": True, "return_tensors": "pt"}
-    images_kwargs = {"return_tensors": "pt"}
-    # Metadata always: `add_timestamps` needs the frame times (the outputs keep it only with `return_metadata=True`).
-    videos_kwargs = {"return_tensors": "pt", "return_metadata": True}
 
     def __init__(
         self,
@@ -375,7 +390,9 @@ class PPLLaVAProcessor(ProcessorMixin):
         `replace_image_token` / `replace_video_token` and tokenizes; the pooling prompts are added to its outputs.
         """
         texts = self._check_texts(text)
-        prompts = self._pooling_prompts(texts, kwargs.pop("pooling_prompt", None), kwargs.pop("chat_pooling_prompt", None))
+        prompts = self._pooling_prompts(
+            texts, _pop_text_option(kwargs, "pooling_prompt"), _pop_text_option(kwargs, "chat_pooling_prompt")
+        )
         if videos is not None:
             videos = canonical_videos(videos)
         if kwargs.get("multi_image"):
@@ -580,6 +597,15 @@ def align_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, config: PPLLaVA
             "embedding rows; the model has no row for a video placeholder (grow its embeddings first)."
         )
     config.video_token_id = video_token_id
+
+
+def _pop_text_option(kwargs: dict, name: str):
+    """Remove the text option `name` from a processor call's `kwargs`, given flat or in `text_kwargs`, and return it."""
+    nested = dict(kwargs.get("text_kwargs") or {})
+    value = nested.pop(name, None)
+    if "text_kwargs" in kwargs:
+        kwargs["text_kwargs"] = nested
+    return kwargs.pop(name, value)
 
 
 def _tensor_type(values) -> str | None:

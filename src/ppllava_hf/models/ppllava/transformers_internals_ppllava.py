@@ -12,10 +12,6 @@ public API.
 import torch
 from torch import nn
 
-# Composite-config sub-config declarations (the v5 convention of every transformers multimodal config); not exported
-# at the top level.
-from transformers.configuration_utils import SubConfigSpec
-
 # Slices the hidden states to the positions whose logits are wanted. Its contract (an int, positions, or a boolean
 # mask) grows with what `generate` and trl pass as `logits_to_keep`, so the installed version is the one to call.
 from transformers.modeling_utils import slice_logits_to_keep
@@ -60,7 +56,6 @@ __all__ = [
     "CLIPAttention",
     "CLIPMLP",
     "SiglipMLP",
-    "SubConfigSpec",
     "VideoProcessorMixin",
     "replace_text_embeddings",
     "slice_logits_to_keep",
