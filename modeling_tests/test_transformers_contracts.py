@@ -3,11 +3,14 @@
 Each test states what PPLLaVA relies on; a failure names the transformers change to adapt to, in one place.
 """
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+from transformers.processing_utils import MultiModalData
 from transformers import (
     BitsAndBytesConfig,
     CLIPTextConfig,
@@ -16,12 +19,14 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaNextProcessor,
     SiglipTextConfig,
     SiglipTextModel,
     SiglipVisionConfig,
 )
 
 from ppllava_hf import PPLLaVAConfig, PPLLaVAProcessor, PPLLaVAVideoProcessor
+from ppllava_hf.models.ppllava.processing_ppllava import PPLLaVAProcessorKwargs
 from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     CLIPMLP,
     AutoVideoProcessor,
@@ -156,6 +161,17 @@ def test_processors_expand_image_placeholders_through_the_process_images_hook():
     assert images == [[image]] and kwargs["multi_image"] == [True]
     assert int((outputs["input_ids"] == processor.image_token_id).sum()) == 3
     assert "pixel_values_multi_image" in outputs
+
+
+def test_the_token_count_hook_returns_multimodal_data_and_merges_flat_options_into_their_modality():
+    """`PPLLaVAProcessor._get_num_multimodal_tokens(image_sizes=, video_sizes=, **options)` is the hook transformers'
+    processors implement for serving engines: they read `num_image_tokens`, `num_image_patches`, `num_video_tokens`
+    from a `MultiModalData`, and the options reach it flat, which `ProcessorMixin._merge_kwargs` sorts by modality."""
+    assert "image_sizes" in inspect.signature(LlavaNextProcessor._get_num_multimodal_tokens).parameters
+    data = MultiModalData(num_image_tokens=[3], num_image_patches=[1], num_video_tokens=[5])
+    assert "num_video_tokens" in data and data["num_image_tokens"] == [3] and "num_audio_tokens" not in data
+    merged = tiny_processor("vicuna")._merge_kwargs(PPLLaVAProcessorKwargs, max_visual_tokens=8, multi_image=True)
+    assert merged["videos_kwargs"]["max_visual_tokens"] == 8 and merged["images_kwargs"]["multi_image"] is True
 
 
 class KeepingFirstLayer(LlamaForCausalLM):

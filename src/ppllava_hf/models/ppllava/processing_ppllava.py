@@ -21,12 +21,13 @@ from transformers import (
     TextKwargs,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
-from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.processing_utils import ImagesKwargs, MultiModalData, Unpack
 from transformers.utils import logging
 
 from .configuration_ppllava import PPLLaVAConfig
 from .token_counts_ppllava import num_image_tokens, num_multi_image_tokens, plan_video_pooling
 from .transformers_internals_ppllava import VideoProcessorMixin
+from .video_decoding_ppllava import sample_frame_indices
 from .video_processing_ppllava import PPLLaVAVideoProcessor, PPLLaVAVideosKwargs, canonical_videos, one_per_item
 
 
@@ -380,6 +381,54 @@ class PPLLaVAProcessor(ProcessorMixin):
         return num_multi_image_tokens(
             self.patch_grid, self.image_pooling_kernel, self.image_pooling_stride, self.image_pooling_output_size
         )
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
+        """transformers' token-count hook, which serving engines (vLLM's Transformers backend) call before processing:
+        how many tokens each image `(height, width)` and each video `(frames, height, width)` expands to under this
+        call's options (`max_visual_tokens`, `multi_image`, and `num_frames` with `do_sample_frames=True`).
+
+        The video counts are of `<video>` tokens only (not the sentence `add_timestamps` writes after them). Each image
+        is one item of `pixel_values` (its anyres tiles stay together), so `num_image_patches` is 1 per image.
+        """
+        options = self._merge_kwargs(PPLLaVAProcessorKwargs, **kwargs)
+        counts = {}
+        if image_sizes is not None:
+            multi_image = options["images_kwargs"].get("multi_image")
+            if not isinstance(multi_image, (bool, type(None))):
+                raise ValueError(
+                    f"multi_image={multi_image!r}: token counts per image size take one bool for all the images, not one "
+                    "per sample."
+                )
+            counts["num_image_tokens"] = [
+                self.num_multi_image_tokens() if multi_image else self.num_image_tokens(tuple(int(v) for v in size))
+                for size in image_sizes
+            ]
+            counts["num_image_patches"] = [1] * len(image_sizes)
+        if video_sizes is not None:
+            videos_kwargs = options["videos_kwargs"]
+            counts["num_video_tokens"] = [
+                self.num_video_tokens(self._sampled_frame_count(int(size[0]), videos_kwargs),
+                                      videos_kwargs.get("max_visual_tokens"))
+                for size in video_sizes
+            ]
+        return MultiModalData(**counts)
+
+    def _sampled_frame_count(self, total_num_frames: int, videos_kwargs: dict) -> int:
+        """Frames the video processor keeps of a `total_num_frames`-frame array: all of them, or with
+        `do_sample_frames=True` those PPLLaVA's sampler picks (by `num_frames`; `fps` needs the video's own rate)."""
+        if videos_kwargs.get("do_sample_frames") is not True:
+            return total_num_frames
+        num_frames = videos_kwargs.get("num_frames")
+        fps = videos_kwargs.get("fps") if num_frames is None else None
+        if num_frames is None and fps is None:
+            num_frames, fps = self.video_processor.num_frames, self.video_processor.fps
+        if fps is not None:
+            raise ValueError(
+                "Counting the tokens of a video sampled by fps needs the video's frame rate, which a (frames, height, "
+                "width) size does not carry: pass num_frames=... instead, or count the frames the sampler keeps first."
+            )
+        max_frames = videos_kwargs.get("max_num_frames") or self.video_processor.max_num_frames
+        return len(sample_frame_indices(total_num_frames, num_frames, max_frames=max_frames))
 
     # ------------------------------------------------------------------------------------------------------------------
 
