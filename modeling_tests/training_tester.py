@@ -6,11 +6,19 @@ from datasets import Dataset
 
 from ppllava_hf import PPLLaVAForConditionalGeneration
 from ppllava_hf.testing.tiny import tiny_config, tiny_processor
+from ppllava_hf.training.common import TRAINING_TRANSFORMERS, training_arguments_supported
 from ppllava_hf.training.dpo import PPLLaVADPOConfig
 from ppllava_hf.training.sft import PPLLaVASFTConfig
 
 
 NUM_FRAMES = 4
+
+# Tests that build a trainer config or checkpoint activations run where training is supported: transformers >= 5.23
+# (the train extra's minimum); the rest of the package supports older releases too.
+needs_training_release = pytest.mark.skipif(
+    not training_arguments_supported(),
+    reason=f"PPLLaVA's training needs transformers>={TRAINING_TRANSFORMERS} (the train extra)",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
