@@ -6,7 +6,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, PreTrainedConfig
 
 
-
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 PROMPT_ENCODER_MODEL_TYPES = ("clip_text_model", "siglip_text_model")
 PROMPT_ENCODER_FOR_VISION = {"clip_vision_model": "clip_text_model", "siglip_vision_model": "siglip_text_model"}
