@@ -25,7 +25,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ppllava_hf import PPLLaVAConfig, PPLLaVAProcessor, PPLLaVAVideoProcessor
+from ppllava_hf import PPLLaVAProcessor, PPLLaVAVideoProcessor
 from ppllava_hf.models.ppllava.processing_ppllava import PPLLaVAProcessorKwargs
 from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     CLIPMLP,
