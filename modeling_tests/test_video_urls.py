@@ -82,6 +82,11 @@ def test_a_data_url_without_a_media_type_is_read_too(clip):
     assert_same_video(decode_video(url, num_frames=4), decode_video(clip, num_frames=4))
 
 
+def test_url_schemes_are_case_insensitive(clip):
+    url = "DATA:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    assert_same_video(decode_video(url, num_frames=4), decode_video(clip, num_frames=4))
+
+
 def test_a_file_url_is_read_as_its_path(clip):
     assert_same_video(decode_video(clip.as_uri(), num_frames=6), decode_video(clip, num_frames=6))
 

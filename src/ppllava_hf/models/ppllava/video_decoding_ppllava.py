@@ -42,7 +42,7 @@ class VideoDecodingError(ValueError):
 MAX_URL_BYTES = 256 * 1024 * 1024
 # Seconds an http(s) server may stay silent (to connect, or between two reads) before the download is given up.
 URL_TIMEOUT_SECONDS = 30
-_URL = re.compile(r"^(?:data:|[A-Za-z][A-Za-z0-9+.-]*://)")
+_URL = re.compile(r"^(?:data:|[A-Za-z][A-Za-z0-9+.-]*://)", re.IGNORECASE)
 _DOWNLOAD_CHUNK = 1024 * 1024
 
 
