@@ -34,6 +34,25 @@ def test_defaults_are_the_published_vicuna_layout():
     assert config.get_text_config() is config.text_config
 
 
+def test_sub_configs_are_declared_for_transformers_and_built_from_dicts_by_their_model_type():
+    config = PPLLaVAConfig(text_config={"model_type": "qwen2", "hidden_size": 16, "num_attention_heads": 2,
+                                        "num_key_value_heads": 2, "intermediate_size": 32, "num_hidden_layers": 1})
+    assert set(PPLLaVAConfig.sub_configs) == {"vision_config", "text_config", "prompt_encoder_config"}
+    assert type(config.text_config) is type(AutoConfig.for_model("qwen2")) and config.text_config.hidden_size == 16
+    assert type(config.vision_config) is type(AutoConfig.for_model("clip_vision_model"))
+
+
+def test_a_sub_config_dict_without_model_type_takes_the_default_type_but_not_the_default_sizes():
+    config = PPLLaVAConfig(prompt_encoder_config={"max_position_embeddings": 100, "projection_dim": 768})
+    assert config.prompt_encoder_config.model_type == "clip_text_model"
+    assert config.prompt_encoder_config.hidden_size == AutoConfig.for_model("clip_text_model").hidden_size
+
+
+def test_the_attention_implementation_reaches_every_sub_config():
+    config = tiny_config("vicuna", attn_implementation="eager")
+    assert {getattr(config, key)._attn_implementation for key in PPLLaVAConfig.sub_configs} == {"eager"}
+
+
 def test_placeholder_ids_answer_to_both_names():
     config = tiny_config(image_token_id=300, video_token_id=301)
     assert (config.image_token_index, config.video_token_index) == (300, 301)

@@ -12,6 +12,7 @@ import torch
 from model_tester import PPLLaVAModelTester, record_calls, record_pooling_windows
 from safetensors.torch import load_file, save_file
 from tolerances import float32_forward
+from training_tester import needs_training_release
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -639,6 +640,7 @@ def test_device_map_auto_loads(tester, tmp_path):
 # Training
 
 
+@needs_training_release
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tester):
     model = tester.fresh_model(btadapter_drop_path_rate=0.0)
     batch = tester.collate([tester.video_sample()])

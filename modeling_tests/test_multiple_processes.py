@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from recorded_training import RUNS, recorded_run
-from training_tester import single_threaded  # noqa: F401  (a module fixture)
+from training_tester import needs_training_release, single_threaded  # noqa: F401  (a module fixture)
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ppllava_hf.testing.tiny_training_data import color_frames, write_color_videos
+
+
+pytestmark = needs_training_release
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -104,6 +104,71 @@ def test_every_placeholder_expands_to_the_model_token_count(layout, overrides, c
     assert output.image_hidden_states.shape[0] == sum(image_counts)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# transformers' token-count hook (what vLLM's Transformers backend asks before processing)
+
+
+def expansion_counts(inputs, config) -> tuple[list[int], list[int]]:
+    """Video and image tokens in each row of `input_ids`."""
+    ids = inputs["input_ids"]
+    return (ids == config.video_token_id).sum(-1).tolist(), (ids == config.image_token_id).sum(-1).tolist()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("call_kwargs", [{}, {"max_visual_tokens": 8}], ids=["no budget", "token budget"])
+def test_video_token_counts_by_size_are_what_each_video_expands_to(layout, call_kwargs):
+    config = tiny_config(layout)
+    processor = tiny_processor(config)
+    videos = [frames(1), frames(3), frames(13, 30, 90)]
+    counts = processor._get_num_multimodal_tokens(video_sizes=[video.shape[:3] for video in videos], **call_kwargs)
+    for video, expected in zip(videos, counts.num_video_tokens):
+        inputs = processor(text=PROMPT[layout].format("<video>"), videos=[video], **call_kwargs)
+        assert expansion_counts(inputs, config)[0] == [expected]
+    assert "num_image_tokens" not in counts
+
+
+def test_video_token_counts_follow_the_sampler_when_frames_are_sampled():
+    config = tiny_config("vicuna")
+    processor = tiny_processor(config)
+    video = frames(13)
+    for options in ({"do_sample_frames": True}, {"do_sample_frames": True, "num_frames": 4}):
+        counts = processor._get_num_multimodal_tokens(video_sizes=[video.shape[:3]], **options)
+        inputs = processor(text=PROMPT["vicuna"].format("<video>"), videos=[video], **options)
+        assert expansion_counts(inputs, config)[0] == counts.num_video_tokens
+    assert counts.num_video_tokens == [processor.num_video_tokens(4)]
+
+
+def test_counting_the_tokens_of_a_video_sampled_by_fps_is_refused_with_the_fix():
+    processor = tiny_processor("vicuna")
+    with pytest.raises(ValueError, match="needs the video's frame rate.*pass num_frames"):
+        processor._get_num_multimodal_tokens(video_sizes=[(13, 40, 50)], do_sample_frames=True, fps=2.0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_image_token_counts_by_size_are_what_each_image_expands_to(layout):
+    config = tiny_config(layout)
+    processor = tiny_processor(config)
+    sizes = [(40, 40), (90, 200), (260, 90)]  # (height, width)
+    counts = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    assert counts.num_image_patches == [1, 1, 1]
+    for (height, width), expected in zip(sizes, counts.num_image_tokens):
+        inputs = processor(text=PROMPT[layout].format("<image>"), images=[Image.new("RGB", (width, height))])
+        assert expansion_counts(inputs, config)[1] == [expected]
+
+
+def test_image_token_counts_in_multi_image_mode_are_the_multi_image_expansion():
+    config = tiny_config("vicuna")
+    processor = tiny_processor(config)
+    sizes = [(40, 40), (90, 200)]
+    counts = processor._get_num_multimodal_tokens(image_sizes=sizes, multi_image=True)
+    images = [Image.new("RGB", (width, height)) for height, width in sizes]
+    inputs = processor(text=PROMPT["vicuna"].format("<image><image>"), images=[images], multi_image=True)
+    assert expansion_counts(inputs, config)[1] == [sum(counts.num_image_tokens)]
+    assert counts.num_image_tokens == [processor.num_multi_image_tokens()] * 2
+    with pytest.raises(ValueError, match="one bool for all the images"):
+        processor._get_num_multimodal_tokens(image_sizes=sizes, multi_image=[True, False])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_outputs_are_exactly_the_model_inputs(layout, clips):
     processor = tiny_processor(layout)

@@ -7,7 +7,13 @@ import torch
 from peft import PeftModel
 from recorded_training import example_trainer
 from tolerances import float32_forward, rounding_tolerance
-from training_tester import NUM_FRAMES, single_threaded, snapshot, tiny_model_and_processor  # noqa: F401
+from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
+    NUM_FRAMES,
+    needs_training_release,
+    single_threaded,
+    snapshot,
+    tiny_model_and_processor,
+)
 from transformers import AutoModel, AutoModelForImageTextToText, BitsAndBytesConfig
 
 from ppllava_hf.testing.tiny_training_data import color_frames
@@ -79,6 +85,7 @@ def model_inputs(trainer) -> dict:
     return {key: value for key, value in batch.items() if key not in ("completion_mask", "labels")}
 
 
+@needs_training_release
 @pytest.mark.parametrize("kind", ["dpo", "sft"])
 def test_a_qlora_step_of_the_example_trains_only_the_adapters(kind, tmp_path):
     trainer = example_trainer(kind, tmp_path, *QLORA_FLAGS)
@@ -90,6 +97,7 @@ def test_a_qlora_step_of_the_example_trains_only_the_adapters(kind, tmp_path):
     assert any("lora_B" in name for name in changed)  # lora_B starts at zero: the adapter now does something
 
 
+@needs_training_release
 def test_a_qlora_adapter_reloads_onto_the_quantized_base_and_merges_into_the_unquantized_one(tmp_path):
     trainer = example_trainer("sft", tmp_path, *QLORA_FLAGS)
     trainer.train()

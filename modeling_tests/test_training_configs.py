@@ -6,13 +6,16 @@ import warnings
 
 import pytest
 from datasets import Dataset
-from training_tester import cpu_args, single_threaded, tiny_model_and_processor  # noqa: F401
+from training_tester import cpu_args, needs_training_release, single_threaded, tiny_model_and_processor  # noqa: F401
 from trl import DPOConfig, SFTConfig
 
 from ppllava_hf.testing.tiny_training_data import tiny_preference_rows, tiny_sft_rows, write_color_videos
 from ppllava_hf.training.common import default_processor
 from ppllava_hf.training.dpo import PPLLaVADPOConfig, PPLLaVADPOTrainer
 from ppllava_hf.training.sft import PPLLaVASFTConfig, PPLLaVASFTTrainer
+
+
+pytestmark = needs_training_release
 
 
 KINDS = {

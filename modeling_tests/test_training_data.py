@@ -11,7 +11,13 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from training_tester import NUM_FRAMES, cpu_args, single_threaded, tiny_model_and_processor  # noqa: F401
+from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
+    NUM_FRAMES,
+    cpu_args,
+    needs_training_release,
+    single_threaded,
+    tiny_model_and_processor,
+)
 from video_test_files import write_video
 
 from ppllava_hf.testing.tiny_training_data import (
@@ -160,6 +166,7 @@ def test_bad_conversation_rows_are_skipped_with_their_reason(media, processor):
     ]
 
 
+@needs_training_release
 def test_the_trainer_drops_bad_rows_before_training_and_lists_them(media, tmp_path):
     folder, videos = media
     model, processor = tiny_model_and_processor()

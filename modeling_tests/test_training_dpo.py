@@ -16,6 +16,7 @@ from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
     NUM_FRAMES,
     cpu_args,
     logged,
+    needs_training_release,
     single_threaded,
     snapshot,
     tiny_model_and_processor,
@@ -28,6 +29,9 @@ from trl.trainer import add_fused_lm_head
 from ppllava_hf.testing.tiny_training_data import tiny_preference_rows, write_color_videos
 from ppllava_hf.training.common import ADAPTER_FOLDER, language_model_lora_config, save_trained_model
 from ppllava_hf.training.dpo import PPLLaVADPOConfig, PPLLaVADPOTrainer, PPLLaVAPreferenceCollator, frozen_copy
+
+
+pytestmark = needs_training_release
 
 
 @pytest.fixture(scope="module")

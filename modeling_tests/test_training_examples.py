@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_tester import single_threaded  # noqa: F401
+from training_tester import needs_training_release, single_threaded  # noqa: F401
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ppllava_hf.training.common import ADAPTER_FOLDER
 from ppllava_hf.training.dpo import PPLLaVADPOConfig
 from ppllava_hf.training.sft import PPLLaVASFTConfig
+
+
+pytestmark = needs_training_release
 
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

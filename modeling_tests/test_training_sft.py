@@ -7,13 +7,22 @@ import random
 import numpy as np
 import pytest
 import torch
-from training_tester import logged, single_threaded, tiny_model_and_processor, tiny_trainer  # noqa: F401
+from training_tester import (  # noqa: F401  (single_threaded: a module fixture)
+    logged,
+    needs_training_release,
+    single_threaded,
+    tiny_model_and_processor,
+    tiny_trainer,
+)
 from video_test_files import write_video
 
 from ppllava_hf.testing.tiny_training_data import color_frames, tiny_sft_rows, write_color_videos
 from ppllava_hf.training.dpo import PPLLaVAPreferenceCollator
 from ppllava_hf.training.rows import BadRowError
 from ppllava_hf.training.sft import PPLLaVASFTCollator, PPLLaVASFTConfig, PPLLaVASFTTrainer, check_conversation_row
+
+
+pytestmark = needs_training_release
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,15 @@
 Each test states what PPLLaVA relies on; a failure names the transformers change to adapt to, in one place.
 """
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
+from transformers.processing_utils import MultiModalData
 from transformers import (
-    AutoConfig,
     BitsAndBytesConfig,
     CLIPTextConfig,
     CLIPTextModel,
@@ -17,18 +19,19 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaNextProcessor,
     SiglipTextConfig,
     SiglipTextModel,
     SiglipVisionConfig,
 )
 
-from ppllava_hf import PPLLaVAConfig, PPLLaVAProcessor, PPLLaVAVideoProcessor
+from ppllava_hf import PPLLaVAProcessor, PPLLaVAVideoProcessor
+from ppllava_hf.models.ppllava.processing_ppllava import PPLLaVAProcessorKwargs
 from ppllava_hf.models.ppllava.transformers_internals_ppllava import (
     CLIPMLP,
     AutoVideoProcessor,
     CLIPAttention,
     SiglipMLP,
-    SubConfigSpec,
     VideoProcessorMixin,
     replace_text_embeddings,
     slice_logits_to_keep,
@@ -119,16 +122,6 @@ def test_siglip_mlp_keeps_its_call_signature():
                                                                             "fc2.bias"}
 
 
-def test_sub_config_specs_build_the_declared_sub_configs():
-    spec = PPLLaVAConfig.sub_configs_defaults["prompt_encoder_config"]
-    assert isinstance(spec, SubConfigSpec) and spec.model_type == "clip_text_model"
-    config = PPLLaVAConfig(text_config={"model_type": "qwen2", **{k: v for k, v in TEXT.items()}, "num_key_value_heads": 2})
-    assert config.text_config.model_type == "qwen2"
-    assert config.prompt_encoder_config.max_position_embeddings == 248  # from the spec's init_kwargs
-    assert set(PPLLaVAConfig.sub_configs) == {"vision_config", "text_config", "prompt_encoder_config"}
-    assert type(config.vision_config) is type(AutoConfig.for_model("clip_vision_model"))
-
-
 def test_slice_logits_to_keep_keeps_the_last_positions_or_the_given_ones():
     hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
     torch.testing.assert_close(slice_logits_to_keep(hidden, 0), hidden)
@@ -168,6 +161,17 @@ def test_processors_expand_image_placeholders_through_the_process_images_hook():
     assert images == [[image]] and kwargs["multi_image"] == [True]
     assert int((outputs["input_ids"] == processor.image_token_id).sum()) == 3
     assert "pixel_values_multi_image" in outputs
+
+
+def test_the_token_count_hook_returns_multimodal_data_and_merges_flat_options_into_their_modality():
+    """`PPLLaVAProcessor._get_num_multimodal_tokens(image_sizes=, video_sizes=, **options)` is the hook transformers'
+    processors implement for serving engines: they read `num_image_tokens`, `num_image_patches`, `num_video_tokens`
+    from a `MultiModalData`, and the options reach it flat, which `ProcessorMixin._merge_kwargs` sorts by modality."""
+    assert "image_sizes" in inspect.signature(LlavaNextProcessor._get_num_multimodal_tokens).parameters
+    data = MultiModalData(num_image_tokens=[3], num_image_patches=[1], num_video_tokens=[5])
+    assert "num_video_tokens" in data and data["num_image_tokens"] == [3] and "num_audio_tokens" not in data
+    merged = tiny_processor("vicuna")._merge_kwargs(PPLLaVAProcessorKwargs, max_visual_tokens=8, multi_image=True)
+    assert merged["videos_kwargs"]["max_visual_tokens"] == 8 and merged["images_kwargs"]["multi_image"] is True
 
 
 class KeepingFirstLayer(LlamaForCausalLM):

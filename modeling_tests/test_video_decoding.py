@@ -344,8 +344,6 @@ def test_a_rotated_video_is_decoded_as_players_show_it(tmp_path, name, codec, pi
 def test_a_missing_file_names_the_path(tmp_path):
     with pytest.raises(VideoDecodingError, match="not found.*nope.mp4'; check the path"):
         decode_video(tmp_path / "nope.mp4")
-    with pytest.raises(VideoDecodingError, match="URLs are not fetched"):
-        decode_video("https://example.com/clip.mp4")
 
 
 def test_a_corrupt_file_is_a_value_error(tmp_path):

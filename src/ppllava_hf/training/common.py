@@ -8,8 +8,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import transformers
 from accelerate.utils import is_peft_model
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin, Trainer
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+    Trainer,
+    TrainingArguments,
+)
 from trl import ModelConfig, get_peft_config
 
 from ..models.ppllava.video_decoding_ppllava import FRAME_SAMPLINGS, FrameSampling
@@ -20,6 +28,16 @@ from .rows import BadRowPolicy, RowChecker, SkippedRow, VideoCheck, check_option
 if TYPE_CHECKING:
     import torch
     from peft import LoraConfig
+
+
+# The oldest transformers the trainers run on (setup.cfg's train extra asks for it): 5.23 renamed TrainingArguments'
+# `gradient_checkpointing` to `activation_checkpointing`, the name the configs set (the old one warns from 5.23 on).
+TRAINING_TRANSFORMERS = "5.23"
+
+
+def training_arguments_supported() -> bool:
+    """Whether the installed transformers' `TrainingArguments` has what PPLLaVA's training configs set."""
+    return "activation_checkpointing" in {option.name for option in dataclasses.fields(TrainingArguments)}
 
 
 LANGUAGE_MODEL_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -86,6 +104,11 @@ class PPLLaVAConfigMixin:
             raise ValueError(
                 "remove_unused_columns=True would drop the raw columns (prompts, media paths) the PPLLaVA collators "
                 "read; leave it False."
+            )
+        if not training_arguments_supported():
+            raise ImportError(
+                f"PPLLaVA's training configs need transformers>={TRAINING_TRANSFORMERS} (its TrainingArguments has "
+                f"`activation_checkpointing`); you have {transformers.__version__}: pip install 'ppllava_hf[train]'."
             )
         # trl's configs set the deprecated `gradient_checkpointing` (to True), so transformers (>= 5.23) warns unless
         # `activation_checkpointing`, the name it prefers, is set: carry the value over to that name.

@@ -5,12 +5,35 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, PreTrainedConfig
 
-from .transformers_internals_ppllava import SubConfigSpec
-
 
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 PROMPT_ENCODER_MODEL_TYPES = ("clip_text_model", "siglip_text_model")
 PROMPT_ENCODER_FOR_VISION = {"clip_vision_model": "clip_text_model", "siglip_vision_model": "siglip_text_model"}
+
+# What each sub-config is built from when it is `None` (a dict without `model_type` takes the model type from here): the
+# published layout, CLIP ViT-L/14-336, a Llama LLM and CLIP's text encoder with the context stretched to 248 positions.
+SUB_CONFIG_DEFAULTS = {
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+        "projection_dim": 768,
+    },
+    "text_config": {"model_type": "llama"},
+    "prompt_encoder_config": {
+        "model_type": "clip_text_model",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 248,
+        "projection_dim": 768,
+    },
+}
 
 
 @strict
@@ -94,34 +117,9 @@ class PPLLaVAConfig(PreTrainedConfig):
 
     model_type = "ppllava"
     attribute_map = {"image_token_index": "image_token_id", "video_token_index": "video_token_id"}
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_vision_model",
-            init_kwargs={
-                "hidden_size": 1024,
-                "intermediate_size": 4096,
-                "num_hidden_layers": 24,
-                "num_attention_heads": 16,
-                "image_size": 336,
-                "patch_size": 14,
-                "projection_dim": 768,
-            },
-        ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-        "prompt_encoder_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_text_model",
-            init_kwargs={
-                "hidden_size": 768,
-                "intermediate_size": 3072,
-                "num_hidden_layers": 12,
-                "num_attention_heads": 12,
-                "max_position_embeddings": 248,
-                "projection_dim": 768,
-            },
-        ),
-    }
+    # transformers' public composite-config declaration: the attributes holding sub-configs, each resolved by AutoConfig
+    # from its `model_type`. `__post_init__` builds them (from a dict, or from `SUB_CONFIG_DEFAULTS` when `None`).
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig, "prompt_encoder_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -154,6 +152,8 @@ class PPLLaVAConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        for key in self.sub_configs:
+            setattr(self, key, _sub_config(key, getattr(self, key)))
         super().__post_init__(**kwargs)
         self.video_pooling_kernel = _triple(self.video_pooling_kernel, default=(2, 3, 3))
         self.video_pooling_stride = _triple(self.video_pooling_stride, default=self.video_pooling_kernel)
@@ -279,6 +279,16 @@ class PPLLaVAConfig(PreTrainedConfig):
             )
         if self.vision_chunk_frames is not None and self.vision_chunk_frames < 1:
             raise ValueError(f"vision_chunk_frames must be positive or None, got {self.vision_chunk_frames}.")
+
+
+def _sub_config(key: str, value: dict | PreTrainedConfig | None) -> PreTrainedConfig:
+    """The sub-config `key` as a config object: `value` itself, built from its dict (its `model_type`, else the
+    default's), or the default layout when `None`."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    fields = dict(SUB_CONFIG_DEFAULTS[key] if value is None else value)
+    model_type = fields.pop("model_type", SUB_CONFIG_DEFAULTS[key]["model_type"])
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def _triple(value, default=None) -> list[int] | None:

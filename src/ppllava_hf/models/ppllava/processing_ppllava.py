@@ -20,14 +20,16 @@ from transformers import (
     PreTrainedTokenizerBase,
     ProcessingKwargs,
     ProcessorMixin,
+    TextKwargs,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
-from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.processing_utils import ImagesKwargs, MultiModalData, Unpack
 from transformers.utils import logging
 
 from .configuration_ppllava import PPLLaVAConfig
 from .token_counts_ppllava import num_image_tokens, num_multi_image_tokens, plan_video_pooling
 from .transformers_internals_ppllava import VideoProcessorMixin
+from .video_decoding_ppllava import sample_frame_indices
 from .video_processing_ppllava import PPLLaVAVideoProcessor, PPLLaVAVideosKwargs, canonical_videos, one_per_item
 
 
@@ -128,7 +130,7 @@ class PPLLaVAImagesKwargs(ImagesKwargs, total=False):
     multi_image: bool | list[bool]
 
 
-class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
+class PPLLaVATextKwargs(TextKwargs, total=False):
     """
     pooling_prompt (`str` or `list[str | None]`):
         The text that guides the pooling of each sample's videos and images: one per sample (`None` entries fall back to
@@ -136,14 +138,32 @@ class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
     chat_pooling_prompt (`list[str]`):
         Set by `apply_chat_template`: the last user turn of each conversation (used when `pooling_prompt` is not given).
 
-    The video options `max_visual_tokens` and `add_timestamps` are in [`PPLLaVAVideosKwargs`], `multi_image` in
-    [`PPLLaVAImagesKwargs`].
+    The processor takes both before tokenizing (they go to the prompt tokenizer, not to the LLM tokenizer); they are
+    text options because every transformers release of the supported window accepts a processor's own options there.
     """
 
-    images_kwargs: PPLLaVAImagesKwargs
-    videos_kwargs: PPLLaVAVideosKwargs
     pooling_prompt: str | list[str | None] | None
     chat_pooling_prompt: list[str] | None
+
+
+class PPLLaVAProcessorKwargs(ProcessingKwargs, total=False):
+    """
+    The options of each modality: `pooling_prompt` in [`PPLLaVATextKwargs`], the video options `max_visual_tokens` and
+    `add_timestamps` in [`PPLLaVAVideosKwargs`], `multi_image` in [`PPLLaVAImagesKwargs`].
+    """
+
+    text_kwargs: PPLLaVATextKwargs
+    images_kwargs: PPLLaVAImagesKwargs
+    videos_kwargs: PPLLaVAVideosKwargs
+
+    # The defaults of each modality, in the one declaration every transformers release of the supported window reads
+    # (a TypedDict does not inherit it, so it is declared here). Video metadata always: `add_timestamps` needs the frame
+    # times (the outputs keep it only with `return_metadata=True`).
+    _defaults = {
+        "text_kwargs": {"padding": True, "return_tensors": "pt"},
+        "images_kwargs": {"return_tensors": "pt"},
+        "videos_kwargs": {"return_tensors": "pt", "return_metadata": True},
+    }
 
 
 class PPLLaVAProcessor(ProcessorMixin):
@@ -186,10 +206,6 @@ class PPLLaVAProcessor(ProcessorMixin):
     skip_tensor_conversion = [
         "video_metadata", "text_replacement_offsets", "pixel_values_videos", "pixel_values_multi_image"
     ]
-    text_kwargs = {"padding": True, "return_tensors": "pt"}
-    images_kwargs = {"return_tensors": "pt"}
-    # Metadata always: `add_timestamps` needs the frame times (the outputs keep it only with `return_metadata=True`).
-    videos_kwargs = {"return_tensors": "pt", "return_metadata": True}
 
     def __init__(
         self,
@@ -370,6 +386,54 @@ class PPLLaVAProcessor(ProcessorMixin):
             self.patch_grid, self.image_pooling_kernel, self.image_pooling_stride, self.image_pooling_output_size
         )
 
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
+        """transformers' token-count hook, which serving engines (vLLM's Transformers backend) call before processing:
+        how many tokens each image `(height, width)` and each video `(frames, height, width)` expands to under this
+        call's options (`max_visual_tokens`, `multi_image`, and `num_frames` with `do_sample_frames=True`).
+
+        The video counts are of `<video>` tokens only (not the sentence `add_timestamps` writes after them). Each image
+        is one item of `pixel_values` (its anyres tiles stay together), so `num_image_patches` is 1 per image.
+        """
+        options = self._merge_kwargs(PPLLaVAProcessorKwargs, **kwargs)
+        counts = {}
+        if image_sizes is not None:
+            multi_image = options["images_kwargs"].get("multi_image")
+            if not isinstance(multi_image, (bool, type(None))):
+                raise ValueError(
+                    f"multi_image={multi_image!r}: token counts per image size take one bool for all the images, not one "
+                    "per sample."
+                )
+            counts["num_image_tokens"] = [
+                self.num_multi_image_tokens() if multi_image else self.num_image_tokens(tuple(int(v) for v in size))
+                for size in image_sizes
+            ]
+            counts["num_image_patches"] = [1] * len(image_sizes)
+        if video_sizes is not None:
+            videos_kwargs = options["videos_kwargs"]
+            counts["num_video_tokens"] = [
+                self.num_video_tokens(self._sampled_frame_count(int(size[0]), videos_kwargs),
+                                      videos_kwargs.get("max_visual_tokens"))
+                for size in video_sizes
+            ]
+        return MultiModalData(**counts)
+
+    def _sampled_frame_count(self, total_num_frames: int, videos_kwargs: dict) -> int:
+        """Frames the video processor keeps of a `total_num_frames`-frame array: all of them, or with
+        `do_sample_frames=True` those PPLLaVA's sampler picks (by `num_frames`; `fps` needs the video's own rate)."""
+        if videos_kwargs.get("do_sample_frames") is not True:
+            return total_num_frames
+        num_frames = videos_kwargs.get("num_frames")
+        fps = videos_kwargs.get("fps") if num_frames is None else None
+        if num_frames is None and fps is None:
+            num_frames, fps = self.video_processor.num_frames, self.video_processor.fps
+        if fps is not None:
+            raise ValueError(
+                "Counting the tokens of a video sampled by fps needs the video's frame rate, which a (frames, height, "
+                "width) size does not carry: pass num_frames=... instead, or count the frames the sampler keeps first."
+            )
+        max_frames = videos_kwargs.get("max_num_frames") or self.video_processor.max_num_frames
+        return len(sample_frame_indices(total_num_frames, num_frames, max_frames=max_frames))
+
     # ------------------------------------------------------------------------------------------------------------------
 
     def __call__(self, images=None, text=None, videos=None, **kwargs: Unpack[PPLLaVAProcessorKwargs]) -> BatchFeature:
@@ -379,7 +443,9 @@ class PPLLaVAProcessor(ProcessorMixin):
         `replace_image_token` / `replace_video_token` and tokenizes; the pooling prompts are added to its outputs.
         """
         texts = self._check_texts(text)
-        prompts = self._pooling_prompts(texts, kwargs.pop("pooling_prompt", None), kwargs.pop("chat_pooling_prompt", None))
+        prompts = self._pooling_prompts(
+            texts, _pop_text_option(kwargs, "pooling_prompt"), _pop_text_option(kwargs, "chat_pooling_prompt")
+        )
         if videos is not None:
             videos = canonical_videos(videos)
         if _holds_no_image(images):  # `images=[]` (a text-only sample) is no images, in any mode
@@ -611,6 +677,15 @@ def _check_processor_folder(folder: str) -> None:
             f"{folder} has no LLM tokenizer (no {', '.join(_TOKENIZER_FILES)} file); copy the LLM's tokenizer files "
             "there, or save the processor again."
         )
+
+
+def _pop_text_option(kwargs: dict, name: str):
+    """Remove the text option `name` from a processor call's `kwargs`, given flat or in `text_kwargs`, and return it."""
+    nested = dict(kwargs.get("text_kwargs") or {})
+    value = nested.pop(name, None)
+    if "text_kwargs" in kwargs:
+        kwargs["text_kwargs"] = nested
+    return kwargs.pop(name, value)
 
 
 def _tensor_type(values) -> str | None:

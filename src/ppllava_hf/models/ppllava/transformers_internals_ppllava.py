@@ -5,16 +5,14 @@ import it from this module only, so that when a transformers release moves one o
 mend. `modeling_tests/test_transformers_contracts.py` pins the contract each one is used under and names the
 transformers change when one breaks. The processor also overrides one private hook, `ProcessorMixin._process_images`
 (the images -> pixels and placeholder expansions step, which transformers' own processors override for their image
-layouts), for the multi-image mode; the same test file pins it. Everything else the model files use is transformers'
+layouts), for the multi-image mode, and implements `_get_num_multimodal_tokens` (the token counts by media size that
+transformers' processors give serving engines, as a `processing_utils.MultiModalData`, with the call's options sorted
+by `ProcessorMixin._merge_kwargs`); the same test file pins both. Everything else the model files use is transformers'
 public API.
 """
 
 import torch
 from torch import nn
-
-# Composite-config sub-config declarations (the v5 convention of every transformers multimodal config); not exported
-# at the top level.
-from transformers.configuration_utils import SubConfigSpec
 
 # Slices the hidden states to the positions whose logits are wanted. Its contract (an int, positions, or a boolean
 # mask) grows with what `generate` and trl pass as `logits_to_keep`, so the installed version is the one to call.
@@ -60,7 +58,6 @@ __all__ = [
     "CLIPAttention",
     "CLIPMLP",
     "SiglipMLP",
-    "SubConfigSpec",
     "VideoProcessorMixin",
     "replace_text_embeddings",
     "slice_logits_to_keep",

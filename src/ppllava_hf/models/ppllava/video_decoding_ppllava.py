@@ -4,10 +4,18 @@ file when few frames are wanted, and folders of frame images (MVBench's Episodic
 PyAV (`av`) is imported inside the functions that decode, so this module loads where it is not installed.
 """
 
+import base64
+import binascii
+import contextlib
 import math
+import mimetypes
 import os
 import random
 import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -27,6 +35,15 @@ FRAME_SAMPLINGS = ("middle", "random")
 
 class VideoDecodingError(ValueError):
     """A video file that cannot be turned into frames: missing, not a video, corrupt or truncated, or without frames."""
+
+
+# The most bytes a video given by URL may have (a `data:` URL's decoded bytes, or an http(s) download): a request cannot
+# fill the memory or the disk. `decode_video(max_url_bytes=...)` and the video processor's `max_url_bytes` change it.
+MAX_URL_BYTES = 256 * 1024 * 1024
+# Seconds an http(s) server may stay silent (to connect, or between two reads) before the download is given up.
+URL_TIMEOUT_SECONDS = 30
+_URL = re.compile(r"^(?:data:|[A-Za-z][A-Za-z0-9+.-]*://)", re.IGNORECASE)
+_DOWNLOAD_CHUNK = 1024 * 1024
 
 
 @dataclass
@@ -190,10 +207,9 @@ class PyAVVideoReader:
         av = _import_av()
         path = os.fspath(path)
         if not os.path.isfile(path):
-            hint = "URLs are not fetched: download the file first" if "://" in path else (
-                f"check the path (relative paths start at {os.getcwd()!r})"
+            raise VideoDecodingError(
+                f"Video file not found: {path!r}; check the path (relative paths start at {os.getcwd()!r})."
             )
-            raise VideoDecodingError(f"Video file not found: {path!r}; {hint}.")
         try:
             self._container = av.open(path)
         except av.error.FFmpegError as error:
@@ -391,6 +407,7 @@ def decode_video(
     folder_fps: float | None = None,
     max_frames: int | None = None,
     frame_sampling: FrameSampling = "middle",
+    max_url_bytes: int | None = None,
 ) -> tuple[np.ndarray, PPLLaVAVideoMetadata]:
     """Decode the frames PPLLaVA samples from a video file, or read them from a folder of frame images (see
     `sample_frame_indices` and `read_frame_folder`; `folder_fps` is the frame rate of a folder, files carry their own;
@@ -402,18 +419,144 @@ def decode_video(
     the sampled frames. An image file (whatever FFmpeg reads as a still image: JPEG, PNG, BMP, WebP, TIFF, ...) is a
     one-frame video without a frame rate, read with Pillow as the images of a frame folder are.
 
+    `path` may also be a URL: `data:` (base64, as OpenAI-style clients send a video), `file://` or `http(s)://`; the
+    bytes of a `data:` or http(s) URL go to a temporary file, at most `max_url_bytes` of them.
+
     Raises:
         VideoDecodingError (a `ValueError`): missing, unreadable, audio-only, empty, corrupt or truncated files (a file
-        whose frames end before the duration its video stream declares, in any container).
+        whose frames end before the duration its video stream declares, in any container); URLs that cannot be fetched
+        or decoded, of another scheme, or larger than `max_url_bytes`.
     """
-    if os.path.isdir(path):
-        return read_frame_folder(path, num_frames, fps, start_time, end_time, folder_fps, max_frames, frame_sampling)
-    sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames, frame_sampling)
-    with PyAVVideoReader(path) as reader:
-        if not reader.is_image:
-            return _decode_file(reader, sampling)
-    path = os.fspath(path)
-    return _read_frame_files([path], f"the image file {path!r}", None, "sample it by `num_frames`", sampling)
+    with local_video_path(path, max_url_bytes) as path:
+        if os.path.isdir(path):
+            return read_frame_folder(path, num_frames, fps, start_time, end_time, folder_fps, max_frames, frame_sampling)
+        sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames, frame_sampling)
+        with PyAVVideoReader(path) as reader:
+            if not reader.is_image:
+                return _decode_file(reader, sampling)
+        path = os.fspath(path)
+        return _read_frame_files([path], f"the image file {path!r}", None, "sample it by `num_frames`", sampling)
+
+
+@contextlib.contextmanager
+def local_video_path(source: str | os.PathLike, max_url_bytes: int | None = None) -> Iterator[str | os.PathLike]:
+    """A local path to read the video `source` from: `source` itself when it is a path, the file a `file://` URL names,
+    or a temporary file (removed on exit) holding the bytes of a `data:` or `http(s)://` URL, at most `max_url_bytes`
+    (default `MAX_URL_BYTES`)."""
+    if not (isinstance(source, str) and _URL.match(source)):
+        yield source
+        return
+    scheme = source.split(":", 1)[0].lower()
+    if scheme == "file":
+        yield _file_url_path(source)
+        return
+    if scheme not in ("data", "http", "https"):
+        raise VideoDecodingError(
+            f"Unsupported video URL scheme {scheme!r} ({_shown(source)}): pass a path, or a data:, file:// or http(s):// "
+            "URL; download other URLs first."
+        )
+    max_url_bytes = MAX_URL_BYTES if max_url_bytes is None else max_url_bytes
+    with tempfile.TemporaryDirectory(prefix="ppllava-video-") as folder:
+        if scheme == "data":
+            media_type, payload = _data_url_bytes(source, max_url_bytes)
+            target = os.path.join(folder, "video" + _suffix(media_type, ""))
+            with open(target, "wb") as file:
+                file.write(payload)
+        else:
+            target = _download(source, folder, max_url_bytes)
+        yield target
+
+
+def _shown(url: str) -> str:
+    """A URL as error messages show it: a data: URL's header only, others cut to 200 characters."""
+    if url[:5].lower() == "data:":
+        return url.split(",", 1)[0] + ",..."
+    return url if len(url) <= 200 else url[:200] + "..."
+
+
+def _too_large(url: str, size: str, max_url_bytes: int) -> VideoDecodingError:
+    return VideoDecodingError(
+        f"The video at {_shown(url)} has {size} bytes, more than max_url_bytes={max_url_bytes}: send a shorter or "
+        "smaller video, or raise max_url_bytes (the video processor's, or decode_video's)."
+    )
+
+
+def _file_url_path(url: str) -> str:
+    """The local path a `file://` URL names (its host empty or `localhost`)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise VideoDecodingError(
+            f"The file URL {_shown(url)} names the host {parsed.netloc!r}: only local files (file:///path) are read."
+        )
+    return urllib.request.url2pathname(parsed.path)
+
+
+def _data_url_bytes(url: str, max_url_bytes: int) -> tuple[str, bytes]:
+    """The media type and the bytes of a `data:[<media type>][;base64],<data>` URL."""
+    header, separator, data = url[5:].partition(",")
+    if not separator:
+        raise VideoDecodingError(
+            f"The data URL {_shown(url)} has no ',' before its data: write data:video/mp4;base64,<data>."
+        )
+    parameters = header.split(";")
+    is_base64 = parameters[-1].strip().lower() == "base64"
+    estimated = len(data) * 3 // 4 if is_base64 else len(data)
+    if estimated > max_url_bytes:
+        raise _too_large(url, f"about {estimated}", max_url_bytes)
+    if is_base64:
+        try:
+            payload = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise VideoDecodingError(
+                f"The data URL {_shown(url)} is not valid base64 ({error}): encode the file with base64.b64encode."
+            ) from error
+    else:
+        payload = urllib.parse.unquote_to_bytes(data)
+    if not payload:
+        raise VideoDecodingError(f"The data URL {_shown(url)} holds no bytes: put the video's base64 after the comma.")
+    if len(payload) > max_url_bytes:
+        raise _too_large(url, str(len(payload)), max_url_bytes)
+    return parameters[0].strip().lower(), payload
+
+
+def _download(url: str, folder: str, max_url_bytes: int) -> str:
+    """Download `url` into `folder` (refused beyond `max_url_bytes`); returns the file's path."""
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_SECONDS) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_url_bytes:
+                raise _too_large(url, declared, max_url_bytes)
+            media_type = response.headers.get_content_type()
+            name = os.path.basename(urllib.parse.urlparse(response.geturl()).path)
+            target = os.path.join(folder, "video" + _suffix(media_type, os.path.splitext(name)[1]))
+            received = 0
+            with open(target, "wb") as file:
+                while chunk := response.read(_DOWNLOAD_CHUNK):
+                    received += len(chunk)
+                    if received > max_url_bytes:
+                        raise _too_large(url, f"more than {max_url_bytes}", max_url_bytes)
+                    file.write(chunk)
+    except urllib.error.HTTPError as error:
+        raise VideoDecodingError(f"Cannot fetch the video at {_shown(url)}: HTTP {error.code} {error.reason}.") from error
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise VideoDecodingError(
+            f"Cannot fetch the video at {_shown(url)} ({reason}): check the address and that the server answers, or "
+            "download the file and pass its path."
+        ) from error
+    if received == 0:
+        raise VideoDecodingError(f"The server sent no bytes for {_shown(url)}: it is not a video.")
+    return target
+
+
+def _suffix(media_type: str, fallback: str) -> str:
+    """A file suffix for a media type (`video/mp4` -> `.mp4`), or `fallback` for an unknown or generic one: FFmpeg picks
+    some demuxers (still images) by it."""
+    if media_type and media_type != "application/octet-stream":
+        guessed = mimetypes.guess_extension(media_type)
+        if guessed:
+            return guessed
+    return fallback if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", fallback or "") else ""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from transformers.video_utils import VideoMetadata
 
 from .transformers_internals_ppllava import VideoProcessorMixin
 from .video_decoding_ppllava import (
+    MAX_URL_BYTES,
     FrameSampling,
     PPLLaVAVideoMetadata,
     decode_video,
@@ -48,6 +49,9 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     max_num_frames (`int`):
         The most frames one video may be sampled to (`num_frames`, `fps` or every frame): a larger request is refused
         before any frame is decoded.
+    max_url_bytes (`int`):
+        The most bytes a video given by URL (`data:` base64, or `http(s)://`) may have; a larger one is refused. Defaults
+        to `MAX_URL_BYTES` (256 MiB).
     frame_sampling (`"middle"` or `"random"`):
         Which frame of each segment is sampled: the middle one (PPLLaVA's rule at inference, the default) or a random
         one, as the original's training data loading draws them (see `random_segment_indices`); for training only.
@@ -59,6 +63,7 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     max_visual_tokens: int | None
     add_timestamps: bool
     max_num_frames: int
+    max_url_bytes: int
     frame_sampling: FrameSampling
 
 
@@ -68,7 +73,8 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
 
     Inputs: a path to a video file (mp4, mkv, webm, avi, mov, gif, ...; shown upright as its display rotation says), a
     folder of frame images, an image file (a one-frame video), a uint8 array `(T, H, W, 3)`, a tensor `(T, 3, H, W)` or
-    `(T, H, W, 3)`, a list of PIL images or of `(H, W, 3)` frames, or a list of such videos. Frames are always converted
+    `(T, H, W, 3)`, a list of PIL images or of `(H, W, 3)` frames, or a list of such videos; a file may also be given by
+    URL (`data:` base64, `file://`, `http(s)://`, at most `max_url_bytes`; see `decode_video`). Frames are always converted
     to 8-bit RGB (grayscale repeated, alpha dropped, 16-bit scaled); float frames must be finite and lie in [0, 1].
 
     Sampling: files are always sampled (`num_frames` by PPLLaVA's rule, or `fps`, inside `start_time`/`end_time`), unless
@@ -95,6 +101,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
     num_frames = 32
     fps = None
     max_num_frames = 2048
+    max_url_bytes = MAX_URL_BYTES
     frame_sampling = "middle"
     return_metadata = False
     frames_per_chunk = 8
@@ -142,6 +149,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             video_metadata=options["video_metadata"],
             max_num_frames=options["max_num_frames"],
             frame_sampling=options["frame_sampling"],
+            max_url_bytes=options["max_url_bytes"],
         )
         pixel_values = [self.transform(clip, **options) for clip in clips]
         if len({tuple(video.shape) for video in pixel_values}) == 1:
@@ -164,11 +172,13 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         video_metadata: VideoMetadata | dict | list | None = None,
         max_num_frames: int | None = None,
         frame_sampling: FrameSampling | None = None,
+        max_url_bytes: int | None = None,
     ) -> tuple[list[torch.Tensor], list[PPLLaVAVideoMetadata]]:
         """uint8 frames `(T, 3, H, W)` and metadata of every video (see `canonical_videos` for the accepted nestings):
         files decoded and sampled, frame arrays converted (and sampled when `do_sample_frames=True`); a sampling
         request for more than `max_num_frames` frames (default: the processor's) is refused before decoding, and
-        `frame_sampling` (default: the processor's) picks the frame of each segment."""
+        `frame_sampling` (default: the processor's) picks the frame of each segment. A video given by URL (`data:`,
+        `file://`, `http(s)://`) may have at most `max_url_bytes` (default: the processor's)."""
         max_num_frames = max_num_frames or self.max_num_frames
         frame_sampling = frame_sampling or self.frame_sampling
         videos = canonical_videos(videos)
@@ -184,7 +194,8 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             count, rate = (num_frames, fps) if sample else (None, None)
             if is_file:
                 frames, meta = decode_video(
-                    video, count, rate, start, end, max_frames=max_num_frames, frame_sampling=frame_sampling
+                    video, count, rate, start, end, max_frames=max_num_frames, frame_sampling=frame_sampling,
+                    max_url_bytes=max_url_bytes or self.max_url_bytes,
                 )
                 clip = to_uint8_rgb_frames(frames)
             else:
