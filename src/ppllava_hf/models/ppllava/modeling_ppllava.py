@@ -777,11 +777,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """Hidden states `state_indices` of the vision tower for `frames` `(num_frames, 3, H, W)` (0: the embeddings,
         i: the output of layer i, as `output_hidden_states` numbers them), running at most `vision_chunk_frames` frames
         at a time; with `output_hidden_states` / `output_attentions` also the tower's own output of each chunk."""
-        chunk = self.config.vision_chunk_frames or frames.shape[0]
+        chunk = self.config.vision_chunk_frames or len(frames)
         collected = {index: [] for index in state_indices}
         tower_outputs = []
         dtype = self.vision_tower.dtype
-        for start in range(0, frames.shape[0], chunk):
+        for start in range(0, len(frames), chunk):
             outputs = self.vision_tower(
                 pixel_values=frames[start : start + chunk].to(dtype),
                 output_hidden_states=True,
@@ -841,9 +841,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         selected, tower_outputs = None, []
         for start, num_segments, segment_frames in groups:
             stop = start + num_segments * segment_frames
-            states, outputs = self._run_vision_tower(
-                frames[start:stop], state_indices, output_hidden_states, output_attentions
-            )
+            # The whole of `frames` is passed as it is: a streamed video's frames are read only chunk by chunk.
+            group_frames = frames if stop - start == len(frames) else frames[start:stop]
+            states, outputs = self._run_vision_tower(group_frames, state_indices, output_hidden_states, output_attentions)
             tower_outputs.extend(outputs)
             if adapter_indices:
                 segments = [states[index].unflatten(0, (num_segments, segment_frames)) for index in adapter_indices]
@@ -857,7 +857,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 continue
             # Filled in place: a list of groups joined at the end would hold the features of every frame twice.
             if selected is None:
-                selected = group.new_empty((frames.shape[0], *group.shape[1:]))
+                selected = group.new_empty((len(frames), *group.shape[1:]))
             selected[start:stop] = group
         return BaseModelOutput(
             last_hidden_state=selected,
@@ -963,11 +963,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
     def _encode_streamed_group(self, video, group: tuple[int, int, int]) -> tuple[int, torch.Tensor]:
         """First frame and selected features `(1, frames, rows, cols, dim)` of one group of a streamed video."""
         start, num_segments, segment_frames = group
-        pixels = video[start : start + num_segments * segment_frames]
-        where = f"frames {start} to {start + num_segments * segment_frames - 1} of a streamed video"
-        check_pixel_values(pixels, where, self.config.vision_config.image_size)
-        features = self.encode_frames(pixels.to(self.vision_tower.device), [segment_frames] * num_segments)
-        return start, features.last_hidden_state.unflatten(1, self.config.patch_grid)[None]
+        frames = _FrameRange(video, start, start + num_segments * segment_frames, self)
+        features = self.encode_frames(frames, [segment_frames] * num_segments).last_hidden_state
+        return start, features.unflatten(1, self.config.patch_grid)[None]
 
     def _stream_relevance(self, video, prompt: torch.Tensor) -> torch.Tensor:
         """`_relevance` of a streamed video: its frames scored a group at a time, keeping only the float32 logits."""
@@ -1467,6 +1465,25 @@ def _encode_once_each(
         pooler_output=[encoded.pooler_output[i] for i in slot],
         relevance=[encoded.relevance[i] for i in slot],
     )
+
+
+class _FrameRange:
+    """Frames `start` to `stop - 1` of a streamed video, read (and checked, and moved to the model's device) only when
+    `encode_frames` slices them: the vision tower then holds the pixels of one `vision_chunk_frames` chunk at a time,
+    even in a BT-Adapter segment longer than that."""
+
+    def __init__(self, video, start: int, stop: int, model: "PPLLaVAModel"):
+        self.video, self.start, self.stop, self.model = video, start, stop, model
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, frames: slice) -> torch.Tensor:
+        first, last, _ = frames.indices(len(self))
+        pixels = self.video[self.start + first : self.start + last]
+        where = f"frames {self.start + first} to {self.start + last - 1} of a streamed video"
+        check_pixel_values(pixels, where, self.model.config.vision_config.image_size)
+        return pixels.to(self.model.vision_tower.device)
 
 
 def is_streamed_video(item) -> bool:
