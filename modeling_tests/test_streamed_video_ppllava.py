@@ -129,28 +129,28 @@ def test_video_file_at_the_threshold_is_streamed_and_below_it_decoded(video_file
 
     streamed = processor(videos=[str(video_file)], num_frames=40, stream_min_frames=40)["pixel_values_videos"]
     decoded = processor(videos=[str(video_file)], num_frames=39, stream_min_frames=40)["pixel_values_videos"]
-    never = processor(videos=[str(video_file)], num_frames=40, stream_min_frames=None)["pixel_values_videos"]
+    never = processor(videos=[str(video_file)], num_frames=300, stream_min_frames=0)["pixel_values_videos"]
 
     assert isinstance(streamed[0], StreamedVideo) and len(streamed[0]) == 40
-    assert isinstance(decoded, torch.Tensor) and isinstance(never, torch.Tensor)
+    assert isinstance(decoded, torch.Tensor) and isinstance(never, torch.Tensor)  # 300 frames: above the default 256
 
 
 def test_streamed_pixels_equal_the_decoded_pixels(video_file):
     processor = PPLLaVAVideoProcessor(size={"height": 84, "width": 84})
-    decoded = processor(videos=[str(video_file)], num_frames=40, stream_min_frames=None)["pixel_values_videos"][0]
+    decoded = processor(videos=[str(video_file)], num_frames=40, stream_min_frames=0)["pixel_values_videos"][0]
     streamed = processor(videos=[str(video_file)], num_frames=40, stream_min_frames=1)["pixel_values_videos"][0]
 
     pieces = [streamed[start : start + 7] for start in range(0, 40, 7)]
 
     torch.testing.assert_close(torch.cat(pieces), decoded, rtol=0, atol=0)  # the same decoder and the same ops
     assert streamed.metadata.frames_indices == processor(
-        videos=[str(video_file)], num_frames=40, stream_min_frames=None, return_metadata=True
+        videos=[str(video_file)], num_frames=40, stream_min_frames=0, return_metadata=True
     )["video_metadata"][0].frames_indices
 
 
 def test_streamed_file_gives_the_in_memory_prompt_and_greedy_answer(model_and_processor, video_file):
     model, processor = model_and_processor
-    in_memory = processed(processor, video_file, None)
+    in_memory = processed(processor, video_file, 0)
     streamed = processed(processor, video_file, 16)
 
     expected = model.generate(**in_memory, max_new_tokens=12, do_sample=False)
@@ -173,7 +173,7 @@ def test_streamed_tokens_reach_generate_as_encoder_outputs(model_and_processor, 
     with torch.no_grad():
         streamed = model.encode_multimodal(pixel_values_videos=inputs["pixel_values_videos"], **encode)
         in_memory = model.encode_multimodal(
-            pixel_values_videos=processed(processor, video_file, None)["pixel_values_videos"], **encode
+            pixel_values_videos=processed(processor, video_file, 0)["pixel_values_videos"], **encode
         )
     answer = model.generate(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], mm_encoder_outputs=streamed,

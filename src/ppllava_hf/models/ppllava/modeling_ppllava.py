@@ -955,7 +955,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         if torch.is_grad_enabled():
             raise ValueError(
                 "Streamed videos are encoded twice without keeping their features, so gradients cannot flow through "
-                "them: run under torch.no_grad() (generate does), or pass decoded pixels (stream_min_frames=None) to train."
+                "them: run under torch.no_grad() (generate does), or pass decoded pixels (stream_min_frames=0) to train."
             )
         chunk = self.config.vision_chunk_frames or STREAM_CHUNK_FRAMES
         return self._encoding_groups([len(video)], bool(self._btadapter_state_indices()), chunk)
@@ -1060,7 +1060,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         if output_hidden_states or output_attentions:
             raise ValueError(
                 "A streamed video keeps no vision features, so output_hidden_states / output_attentions cannot return "
-                "them: pass decoded pixels (the video processor's stream_min_frames=None) to get them."
+                "them: pass decoded pixels (the video processor's stream_min_frames=0) to get them."
             )
         tokens, relevance = [], []
         for video, prompt, plan in zip(videos, prompts, plans):

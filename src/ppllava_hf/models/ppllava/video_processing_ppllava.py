@@ -54,11 +54,11 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     frame_sampling (`"middle"` or `"random"`):
         Which frame of each segment is sampled: the middle one (PPLLaVA's rule at inference, the default) or a random
         one, as the original's training data loading draws them (see `random_segment_indices`); for training only.
-    stream_min_frames (`int` or `None`):
+    stream_min_frames (`int`):
         A video file sampled to at least this many frames is streamed: its `pixel_values_videos` entry is a
         [`StreamedVideo`] that decodes and preprocesses a slice of frames when the model reads it, so neither its
         decoded frames nor its pixels are ever all in memory. The model encodes a streamed video in two passes (about
-        one more vision-tower run) to the same tokens. `None` never streams.
+        one more vision-tower run) to the same tokens. 0 never streams.
     """
 
     resize_mode: Literal["squash", "letterbox"]
@@ -68,7 +68,7 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     add_timestamps: bool
     max_num_frames: int
     frame_sampling: FrameSampling
-    stream_min_frames: int | None
+    stream_min_frames: int
 
 
 class StreamedVideo:
@@ -209,13 +209,13 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         video_metadata: VideoMetadata | dict | list | None = None,
         max_num_frames: int | None = None,
         frame_sampling: FrameSampling | None = None,
-        stream_min_frames: int | None = None,
+        stream_min_frames: int = 0,
     ) -> tuple[list[torch.Tensor | SampledVideoFile], list[PPLLaVAVideoMetadata]]:
         """uint8 frames `(T, 3, H, W)` and metadata of every video (see `canonical_videos` for the accepted nestings):
         files decoded and sampled, frame arrays converted (and sampled when `do_sample_frames=True`); a sampling
         request for more than `max_num_frames` frames (default: the processor's) is refused before decoding, and
         `frame_sampling` (default: the processor's) picks the frame of each segment. A video file sampled to at least
-        `stream_min_frames` frames is returned opened, not decoded (a [`SampledVideoFile`])."""
+        `stream_min_frames` frames (0: never) is returned opened, not decoded (a [`SampledVideoFile`])."""
         max_num_frames = max_num_frames or self.max_num_frames
         frame_sampling = frame_sampling or self.frame_sampling
         videos = canonical_videos(videos)
@@ -229,7 +229,7 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             is_file = isinstance(video, (str, os.PathLike))
             sample = do_sample_frames is not False if is_file else do_sample_frames is True
             count, rate = (num_frames, fps) if sample else (None, None)
-            streamable = is_file and sample and stream_min_frames is not None and not os.path.isdir(video)
+            streamable = is_file and sample and bool(stream_min_frames) and not os.path.isdir(video)
             opened = _open_long_video(
                 video, stream_min_frames, count, rate, start, end, max_num_frames, frame_sampling
             ) if streamable else None
@@ -471,4 +471,4 @@ def _array_metadata(num_frames: int, frame_size: tuple[int, int], metadata) -> P
     return PPLLaVAVideoMetadata(**{**known, "frames_indices": None, "frame_timestamps": None})
 
 
-__all__ = ["PPLLaVAVideoProcessor"]
+__all__ = ["PPLLaVAVideoProcessor", "StreamedVideo"]
