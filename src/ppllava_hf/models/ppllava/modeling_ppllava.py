@@ -3,7 +3,7 @@
 import inspect
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -939,16 +939,38 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         relevance = self._stream_relevance(video, prompt)
         chunk = self.config.vision_chunk_frames or STREAM_CHUNK_FRAMES
-        pending, held, blocks = iter(self._stream_groups(video)), [], []
-        for _, input_frames, block_plan in plan.temporal_blocks(_output_frames_per_chunk(plan, chunk)):
-            held = [(start, features) for start, features in held if start + features.shape[1] > input_frames.start]
-            while not held or held[-1][0] + held[-1][1].shape[1] < input_frames.stop:
-                held.append(self._encode_streamed_group(video, next(pending)))
-            first = held[0][0]
-            window = held[0][1] if len(held) == 1 else torch.cat([features for _, features in held], dim=1)
-            patches = window[:, input_frames.start - first : input_frames.stop - first]
-            blocks.append(self._pool_block(patches, relevance[:, input_frames], block_plan))
+        features = _StreamedFeatures(self, video)
+        if plan.kernel[0] <= chunk:
+            blocks = [
+                self._pool_block(features.frames(frames.start, frames.stop), relevance[:, frames], block_plan)
+                for _, frames, block_plan in plan.temporal_blocks(_output_frames_per_chunk(plan, chunk))
+            ]
+        else:
+            blocks = [self._pool_long_window(features, relevance, plan, index, chunk) for index in range(plan.output_size[0])]
         return relevance[0], torch.cat(blocks, dim=1)[0]
+
+    def _pool_long_window(
+        self, features: "_StreamedFeatures", relevance: torch.Tensor, plan: PoolingPlan, index: int, chunk: int
+    ) -> torch.Tensor:
+        """Tokens `(1, 1, rows, cols, text_hidden)` of the `index`-th output frame of a window longer than `chunk`
+        frames, pooled `chunk` frames at a time: each part is pooled with its own softmax, then the parts are averaged
+        with the share of the window's softmax normaliser each holds (`exp(logsumexp(part) - logsumexp(window))`),
+        which is the window's softmax exactly. `linear_2` (affine) runs once, on the combined tokens."""
+        projector = self.multi_modal_projector
+        temperature = projector.pooling.temperature
+        first = index * plan.stride[0]
+        stop = first + plan.kernel[0]
+        normalisers, parts = [], []
+        for start in range(first, stop, chunk):
+            end = min(start + chunk, stop)
+            part_plan = replace(plan, kernel=(end - start, *plan.kernel[1:]), output_size=(1, *plan.output_size[1:]))
+            hidden = projector.act(projector.linear_1(features.frames(start, end)))
+            part_relevance = relevance[:, start:end]
+            normalisers.append(_window_log_normalisers(part_relevance, part_plan, temperature))
+            parts.append(prompt_guided_pool(hidden, part_relevance, part_plan, temperature).float())
+        shares = torch.softmax(torch.stack(normalisers), dim=0)[..., None]
+        pooled = sum(share * part for share, part in zip(shares, parts))
+        return projector.linear_2(pooled.to(projector.linear_2.weight.dtype))
 
     def _stream_groups(self, video) -> list[tuple[int, int, int]]:
         """The groups of frames `encode_frames` would encode together for the whole video, at most a chunk each."""
@@ -1465,6 +1487,33 @@ def _encode_once_each(
         pooler_output=[encoded.pooler_output[i] for i in slot],
         relevance=[encoded.relevance[i] for i in slot],
     )
+
+
+class _StreamedFeatures:
+    """The selected features of a streamed video, encoded group by group on demand and dropped once behind: `frames`
+    must be asked for in increasing order, and only the groups covering the last request stay in memory."""
+
+    def __init__(self, model: "PPLLaVAModel", video):
+        self.model, self.video = model, video
+        self.pending = iter(model._stream_groups(video))
+        self.held: list[tuple[int, torch.Tensor]] = []
+
+    def frames(self, start: int, stop: int) -> torch.Tensor:
+        """Features `(1, stop - start, rows, cols, dim)` of frames `start` to `stop - 1`."""
+        self.held = [(first, features) for first, features in self.held if first + features.shape[1] > start]
+        while not self.held or self.held[-1][0] + self.held[-1][1].shape[1] < stop:
+            self.held.append(self.model._encode_streamed_group(self.video, next(self.pending)))
+        first = self.held[0][0]
+        window = self.held[0][1] if len(self.held) == 1 else torch.cat([features for _, features in self.held], dim=1)
+        return window[:, start - first : stop - first]
+
+
+def _window_log_normalisers(relevance: torch.Tensor, plan: PoolingPlan, temperature: float) -> torch.Tensor:
+    """`logsumexp(relevance / temperature)` over each window of `plan`, `(batch, *output_size)` float32: the log of the
+    softmax normaliser `prompt_guided_pool` divides each window by."""
+    offsets = itertools.product(*(range(k) for k in plan.kernel))
+    logits = torch.stack([_window_slice(relevance, offset, plan) for offset in offsets]).float() / temperature
+    return torch.logsumexp(logits, dim=0)
 
 
 class _FrameRange:
