@@ -185,7 +185,7 @@ def main() -> None:
     print_table(["what", "version"], environment_rows(device))
     print(f"\n### Precision: {frames}-frame video, 7B sizes / (width {scale.width}, depth {scale.depth})\n")
     print_table(
-        ["attention", "dtype", "max |logits - float32| / max |float32|", f"{PRECISION_TOKENS} greedy tokens = float32"],
+        ["attention", "dtype", "max abs(logits - float32) / max abs(float32)", f"{PRECISION_TOKENS} greedy tokens = float32"],
         precision_rows(scale, device, frames),
     )
     print(

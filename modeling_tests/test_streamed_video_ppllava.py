@@ -3,6 +3,7 @@ the in-memory path's tokens, relevance and greedy answers, and never holds more 
 
 import pytest
 import torch
+from model_tester import record_calls
 from test_long_video_ppllava import PROMPT, random_video, tiny_model
 from video_test_files import write_video
 
@@ -73,6 +74,23 @@ def test_streamed_video_reads_each_frame_twice_and_at_most_a_chunk_at_a_time():
     for start, stop in frames.reads:
         counts[start:stop] += 1
     assert counts.tolist() == [2] * 20
+
+
+def test_window_longer_than_the_chunk_is_projected_a_chunk_of_frames_at_a_time():
+    """37 frames into 2 output frames: windows of 18 frames and more, pooled in parts of at most 4 frames each."""
+    model = tiny_model(btadapter_max_frames=8, vision_chunk_frames=4, max_visual_tokens=8)
+    video = random_video(37)
+    assert model.video_pooling_plan(37).kernel[0] > 4
+    projected_frames, hook = record_calls(model.multi_modal_projector.linear_1, lambda features: features.shape[1])
+
+    with torch.no_grad():
+        in_memory = model.get_video_features(video[None], clip_input_ids=PROMPT)
+        projected_frames.clear()
+        streamed = model.get_video_features([RecordedFrames(video)], clip_input_ids=PROMPT)
+    hook.remove()
+
+    assert max(projected_frames) <= 4
+    assert_relatively_close(streamed.pooler_output[0], in_memory.pooler_output[0])
 
 
 def test_streamed_relevance_equals_the_in_memory_relevance():
