@@ -1,6 +1,10 @@
 """Streamed long videos: a video read a chunk of frames at a time, scored on a first pass and pooled on a second, gives
 the in-memory path's tokens, relevance and greedy answers, and never holds more than a chunk of pixels."""
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from model_tester import record_calls
@@ -9,6 +13,7 @@ from video_test_files import write_video
 
 from ppllava_hf import PPLLaVAForConditionalGeneration, PPLLaVAVideoProcessor
 from ppllava_hf.models.ppllava.video_processing_ppllava import StreamedVideo
+from ppllava_hf.testing.embedded_default import write_sample_video
 from ppllava_hf.testing.tiny import tiny_config, tiny_processor
 
 
@@ -204,3 +209,34 @@ def test_streamed_tokens_reach_generate_as_encoder_outputs(model_and_processor, 
 
     assert_relatively_close(streamed["video"].pooler_output[0], in_memory["video"].pooler_output[0])
     assert torch.equal(answer, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Examples
+
+
+def test_batch_infer_streams_long_files_to_the_same_answers(tmp_path):
+    """--stream-min-frames at or below --num-frames streams every file (clip bounds included), a missing file still
+    becomes its row's error, and the answers are the in-memory ones."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import batch_infer
+
+    video = write_sample_video(tmp_path / "sample.mp4")
+    rows = [
+        {"id": "whole", "video": str(video), "question": "What colour is the ball?"},
+        {"id": "clip", "video": str(video), "question": "Where does it go?", "start_time": 0.2, "end_time": 1.0},
+        {"id": "missing", "video": str(tmp_path / "missing.mp4"), "question": "What happens?"},
+    ]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    answers = {}
+    for stream_min_frames in ("0", "24"):
+        output = tmp_path / f"answers-{stream_min_frames}.jsonl"
+        batch_infer.main([
+            "--input", str(questions), "--output", str(output), "--num-frames", "24", "--max-new-tokens", "6",
+            "--stream-min-frames", stream_min_frames, "--batch-size", "3", "--device", "cpu",
+        ])
+        answers[stream_min_frames] = [json.loads(line) for line in output.read_text().splitlines()]
+
+    assert answers["24"] == answers["0"]
+    assert "answer" in answers["24"][1] and answers["24"][2]["error"].startswith("VideoDecodingError")
