@@ -1047,7 +1047,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         Pooled visual tokens of each video: vision tower (+ BT-Adapter), relevance to its prompt, prompt-guided pooling.
 
         pixel_values_videos (`torch.Tensor` of shape `(videos, frames, 3, height, width)`, or a list of `(frames, 3, H, W)`):
-            The videos.
+            The videos. A list may also hold streamed videos (`StreamedVideo`, the video processor's output for a long
+            file): read a chunk of frames at a time and encoded in two passes to the same tokens, in bounded memory;
+            a call with one returns no `last_hidden_state` (see `_stream_clip`).
         clip_input_ids, clip_attention_mask (`torch.Tensor` of shape `(videos, prompt_length)`):
             One pooling prompt per video (tokenised by the prompt tokenizer).
         prompt_embeds (`torch.Tensor` of shape `(videos, prompt_dim)`, *optional*):
