@@ -12,7 +12,8 @@ optional `id` (default: the file name in a folder, the 1-based line number in a 
 Resuming: rows whose id is already in --output are skipped, so an interrupted run continues where it stopped;
 --retry-errors first removes the rows that failed, to run them again. A row that fails (missing or corrupt video, ...)
 is written with its error and the run goes on. Each batch is padded on the left and generated in one call; each video
-is pooled under its own question.
+is pooled under its own question. Videos sampled to --stream-min-frames frames or more (default 256) are streamed:
+decoded and encoded a chunk at a time, in bounded memory.
 
 Several processes (one per GPU, or CPU processes), each with its own copy of the model:
 
@@ -40,6 +41,7 @@ from ppllava_cli import (
     check_below_folders,
     decode_or_error,
     load_model,
+    streamed_video_or_error,
     resolve_device,
     video_question_prompt,
 )
@@ -169,7 +171,11 @@ def answer_rows(loaded: LoadedModel, rows: list[dict], args: argparse.Namespace)
         if "video" not in row or "question" not in row:
             results[index] = {"error": "the row needs a 'video' and a 'question'"}
             continue
-        frames = decode_or_error(row["video"], num_frames, row.get("start_time"), row.get("end_time"))
+        times = (row.get("start_time"), row.get("end_time"))
+        if loaded.streams(args, num_frames):  # a long video: decoded and encoded a chunk at a time by the model
+            frames = streamed_video_or_error(row["video"], num_frames, *times)
+        else:
+            frames = decode_or_error(row["video"], num_frames, *times)
         if isinstance(frames, str):
             results[index] = {"error": frames}
         else:
@@ -182,14 +188,20 @@ def answer_rows(loaded: LoadedModel, rows: list[dict], args: argparse.Namespace)
 def answer_group(loaded: LoadedModel, group: list[tuple[dict, object]], args: argparse.Namespace) -> list[dict]:
     """`{"answer": ...}` for each (row, frames) of `group`, generated in one batch; if the batch fails, its rows are
     answered one by one so that a single bad row only costs its own answer (`{"error": ...}`)."""
+    # A video to stream comes as its file's Path: the processor samples its clip (start_time / end_time) itself.
+    clips = {
+        name: [row.get(name) if isinstance(frames, Path) else None for row, frames in group]
+        for name in ("start_time", "end_time")
+    } if any(isinstance(frames, Path) for _, frames in group) else {}
     try:
         answers = answer_batch(
             loaded,
             [video_question_prompt(loaded.processor, row["question"]) for row, _ in group],
-            [frames for _, frames in group],
+            [str(frames) if isinstance(frames, Path) else frames for _, frames in group],
             [row["question"] for row, _ in group],
             args.max_new_tokens,
             **loaded.processor_kwargs(args),
+            **clips,
         )
     except Exception as error:  # noqa: BLE001  (recorded in the output; the run goes on)
         if len(group) == 1:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from ppllava_cli import EMBEDDED_DEFAULT_NOTE, LoadedModel, add_model_arguments, load_model
+from ppllava_cli import EMBEDDED_DEFAULT_NOTE, LoadedModel, add_model_arguments, load_model, streamed_video_or_error
 from transformers import TextStreamer
 
 from ppllava_hf import decode_video
@@ -99,12 +99,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_media(args: argparse.Namespace, processor, workdir: Path) -> dict:
-    """The chat content block for --video / --image, decoded once (the sample clip when neither is given)."""
+def load_media(args: argparse.Namespace, loaded: LoadedModel, workdir: Path) -> dict:
+    """The chat content block for --video / --image, decoded once (the sample clip when neither is given); a video
+    sampled to --stream-min-frames frames or more is opened for streaming instead (its frames are read when encoded)."""
     if args.image:
         return {"type": "image", "image": Image.open(args.image).convert("RGB")}
     path = args.video or write_sample_video(workdir / "sample.mp4")
-    frames, _ = decode_video(path, num_frames=args.num_frames or processor.video_processor.num_frames)
+    num_frames = args.num_frames or loaded.processor.video_processor.num_frames
+    if loaded.streams(args, num_frames):
+        video = streamed_video_or_error(path, num_frames)
+        if isinstance(video, str):
+            raise SystemExit(video)
+        if isinstance(video, Path):  # the processor opens it at each turn; the model reads it when it encodes
+            return {"type": "video", "path": str(video)}
+    frames, _ = decode_video(path, num_frames=num_frames)
     return {"type": "video", "video": frames}
 
 
@@ -132,15 +140,15 @@ def main(argv: list[str] | None = None) -> VisualChat:
     loaded = load_model(args)
     if loaded.is_embedded_default:
         print(f"[{EMBEDDED_DEFAULT_NOTE}]")
-    with tempfile.TemporaryDirectory() as workdir:
-        media = load_media(args, loaded.processor, Path(workdir))
-    chat = VisualChat(
-        loaded, media, loaded.processor_kwargs(args), args.max_new_tokens, args.reuse_first_question_tokens
-    )
-    streamer = TextStreamer(loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    for message in user_messages(args):
-        print("ppllava> ", end="", flush=True)
-        chat.ask(message, streamer)
+    with tempfile.TemporaryDirectory() as workdir:  # a streamed sample clip is read from it during the chat
+        media = load_media(args, loaded, Path(workdir))
+        chat = VisualChat(
+            loaded, media, loaded.processor_kwargs(args), args.max_new_tokens, args.reuse_first_question_tokens
+        )
+        streamer = TextStreamer(loaded.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        for message in user_messages(args):
+            print("ppllava> ", end="", flush=True)
+            chat.ask(message, streamer)
     return chat
 
 

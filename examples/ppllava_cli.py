@@ -19,6 +19,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 # Importing ppllava_hf registers PPLLaVA with the Auto classes.
 from ppllava_hf import PPLLaVAForConditionalGeneration, PPLLaVAProcessor, decode_video
+from ppllava_hf.models.ppllava.video_decoding_ppllava import PyAVVideoReader, SampledVideoFile
 from ppllava_hf.testing.embedded_default import build_embedded_default
 
 
@@ -30,7 +31,7 @@ EMBEDDED_DEFAULT_NOTE = (
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device, --num-frames, --max-visual-tokens, --max-new-tokens."""
+    """--model, --dtype, --device, --num-frames, --max-visual-tokens, --stream-min-frames, --max-new-tokens."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=None,
@@ -44,6 +45,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Frames sampled per video (default: the processor's, 32 for the released models).")
     group.add_argument("--max-visual-tokens", type=int, default=None,
                        help="Visual-token budget per video (default: the model config's).")
+    group.add_argument("--stream-min-frames", type=int, default=None,
+                       help="Stream a video file sampled to at least this many frames: decoded, preprocessed and "
+                            "encoded a chunk at a time, in bounded memory, for about one more vision-tower run "
+                            "(default: the processor's, 256; 0: never).")
     group.add_argument("--max-new-tokens", type=int, default=128)
 
 
@@ -134,7 +139,14 @@ class LoadedModel:
             kwargs["num_frames"] = args.num_frames
         if args.max_visual_tokens is not None:
             kwargs["max_visual_tokens"] = args.max_visual_tokens
+        if args.stream_min_frames is not None:
+            kwargs["stream_min_frames"] = args.stream_min_frames
         return kwargs
+
+    def streams(self, args: argparse.Namespace, num_frames: int) -> bool:
+        """Whether a video file sampled to `num_frames` frames is streamed under the flags (see --stream-min-frames)."""
+        threshold = self.processor_kwargs(args).get("stream_min_frames", self.processor.video_processor.stream_min_frames)
+        return bool(threshold) and num_frames >= threshold
 
 
 def resolve_device(device: str) -> torch.device:
@@ -183,6 +195,20 @@ def answer_batch(
         max_visual_tokens=processor_kwargs.get("max_visual_tokens"),
     )
     return processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def streamed_video_or_error(
+    path: str | os.PathLike, num_frames: int, start_time: float | None = None, end_time: float | None = None
+) -> Path | np.ndarray | str:
+    """A video file to stream, checked (opened, its sampled frames counted, its last one decoded) and given back as a
+    `Path` for the processor to open again; a frame folder or an image file decoded; or the reason it cannot be read."""
+    try:
+        if os.path.isdir(path) or PyAVVideoReader(path).is_image:
+            return decode_or_error(path, num_frames, start_time, end_time)
+        SampledVideoFile(path, num_frames, start_time=start_time, end_time=end_time).close()
+    except (ValueError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+    return Path(path)
 
 
 def decode_or_error(

@@ -12,7 +12,7 @@ from .models.ppllava.video_decoding_ppllava import (
     decode_video,
     sample_frame_indices,
 )
-from .models.ppllava.video_processing_ppllava import PPLLaVAVideoProcessor
+from .models.ppllava.video_processing_ppllava import PPLLaVAVideoProcessor, StreamedVideo
 from .tested_releases import warn_if_untested_transformers
 
 
@@ -35,6 +35,7 @@ __all__ = [
     "PPLLaVAProcessor",
     "PPLLaVAVideoMetadata",
     "PPLLaVAVideoProcessor",
+    "StreamedVideo",
     "VideoDecodingError",
     "decode_video",
     "sample_frame_indices",

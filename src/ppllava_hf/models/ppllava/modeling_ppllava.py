@@ -4,7 +4,7 @@ import inspect
 import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from .input_checks_ppllava import (
     check_attended_rows,
     check_labels,
     check_pixel_batch,
+    check_pixel_values,
     check_quantization_config,
     check_token_ids,
     check_weight_files,
@@ -76,6 +77,8 @@ PROMPT_ENCODER_CLASSES = {"clip_text_model": CLIPTextModel, "siglip_text_model":
 # CLIP's and SigLIP's own initial temperature (log scale) and SigLIP's bias: what a fresh alignment starts from.
 INITIAL_LOGIT_SCALE = {"clip_text_model": math.log(1 / 0.07), "siglip_text_model": math.log(10.0)}
 INITIAL_SIGLIP_LOGIT_BIAS = -10.0
+# Frames read and encoded at a time for a streamed video when the config sets no `vision_chunk_frames`.
+STREAM_CHUNK_FRAMES = 32
 
 
 class PPLLaVAExtendedTextEmbeddings(nn.Module):
@@ -476,6 +479,13 @@ def _output_frames_per_block(plan: PoolingPlan, elements_per_position: int, devi
     return max(1, _CPU_BLOCK_ELEMENTS // per_frame)
 
 
+def _output_frames_per_chunk(plan: PoolingPlan, chunk_frames: int | None) -> int:
+    """Output frames pooled together so that their windows read at most `chunk_frames` input frames (all without)."""
+    if chunk_frames is None:
+        return plan.output_size[0]
+    return max(1, (chunk_frames - plan.kernel[0]) // plan.stride[0] + 1)
+
+
 def _window_slice(tensor: torch.Tensor, offset: Triple, plan: PoolingPlan) -> torch.Tensor:
     """View of the element at `offset` inside every window: dims 1..3 of `tensor` strided by the plan."""
     slices = tuple(
@@ -767,11 +777,11 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """Hidden states `state_indices` of the vision tower for `frames` `(num_frames, 3, H, W)` (0: the embeddings,
         i: the output of layer i, as `output_hidden_states` numbers them), running at most `vision_chunk_frames` frames
         at a time; with `output_hidden_states` / `output_attentions` also the tower's own output of each chunk."""
-        chunk = self.config.vision_chunk_frames or frames.shape[0]
+        chunk = self.config.vision_chunk_frames or len(frames)
         collected = {index: [] for index in state_indices}
         tower_outputs = []
         dtype = self.vision_tower.dtype
-        for start in range(0, frames.shape[0], chunk):
+        for start in range(0, len(frames), chunk):
             outputs = self.vision_tower(
                 pixel_values=frames[start : start + chunk].to(dtype),
                 output_hidden_states=True,
@@ -784,16 +794,18 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         states = {index: _concatenate(chunks) for index, chunks in collected.items()}
         return states, tower_outputs
 
-    def _encoding_groups(self, clip_lengths: list[int], with_btadapter: bool) -> list[tuple[int, int, int]]:
+    def _encoding_groups(
+        self, clip_lengths: list[int], with_btadapter: bool, limit: int | None = None
+    ) -> list[tuple[int, int, int]]:
         """`(first_frame, num_segments, segment_frames)` of each group of consecutive frames encoded together.
 
         With the BT-Adapter, a segment is one of the chunks `btadapter_chunk_sizes` splits a clip into (its temporal
         branch runs per segment) and a group stacks consecutive segments of equal length, up to `vision_chunk_frames`
         frames, into one adapter batch. Without it, a group is a single segment of at most `vision_chunk_frames` frames.
-        Only one group's hidden states exist at a time.
+        Only one group's hidden states exist at a time. `limit` overrides `vision_chunk_frames` (a streamed video).
         """
         total = sum(clip_lengths)
-        limit = self.config.vision_chunk_frames or total
+        limit = limit or self.config.vision_chunk_frames or total
         if not with_btadapter:
             return [(start, 1, min(limit, total - start)) for start in range(0, total, limit)]
         max_frames = self.btadapter.max_frames
@@ -829,9 +841,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         selected, tower_outputs = None, []
         for start, num_segments, segment_frames in groups:
             stop = start + num_segments * segment_frames
-            states, outputs = self._run_vision_tower(
-                frames[start:stop], state_indices, output_hidden_states, output_attentions
-            )
+            # The whole of `frames` is passed as it is: a streamed video's frames are read only chunk by chunk.
+            group_frames = frames if stop - start == len(frames) else frames[start:stop]
+            states, outputs = self._run_vision_tower(group_frames, state_indices, output_hidden_states, output_attentions)
             tower_outputs.extend(outputs)
             if adapter_indices:
                 segments = [states[index].unflatten(0, (num_segments, segment_frames)) for index in adapter_indices]
@@ -845,7 +857,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
                 continue
             # Filled in place: a list of groups joined at the end would hold the features of every frame twice.
             if selected is None:
-                selected = group.new_empty((frames.shape[0], *group.shape[1:]))
+                selected = group.new_empty((len(frames), *group.shape[1:]))
             selected[start:stop] = group
         return BaseModelOutput(
             last_hidden_state=selected,
@@ -903,18 +915,88 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         rows, cols = self.config.patch_grid
         patches = features.unflatten(1, (rows, cols))[None]
         relevance = self._relevance(features, prompt)
-        chunk = self.config.vision_chunk_frames
-        output_frames_per_block = (
-            plan.output_size[0] if chunk is None else max(1, (chunk - plan.kernel[0]) // plan.stride[0] + 1)
-        )
         blocks = []
+        output_frames_per_block = _output_frames_per_chunk(plan, self.config.vision_chunk_frames)
         for _, input_frames, block_plan in plan.temporal_blocks(output_frames_per_block):
-            blocks.append(
-                self.multi_modal_projector(
-                    patches[:, input_frames], relevance[:, input_frames], block_plan.kernel, block_plan.stride
-                )
-            )
+            blocks.append(self._pool_block(patches[:, input_frames], relevance[:, input_frames], block_plan))
         return relevance[0], torch.cat(blocks, dim=1)[0]
+
+    def _pool_block(self, patches: torch.Tensor, relevance: torch.Tensor, plan: PoolingPlan) -> torch.Tensor:
+        """Projected and pooled tokens of one temporal block of a clip (`patches` `(1, frames, rows, cols, dim)`)."""
+        return self.multi_modal_projector(patches, relevance, plan.kernel, plan.stride)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Streamed videos: frames read a chunk at a time, in two passes
+
+    def _stream_clip(self, video, prompt: torch.Tensor, plan: PoolingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_pool_clip` for a video given as a frame source (`len(video)` frames, `video[start:stop]` their pixels
+        `(frames, 3, H, W)`, e.g. a `StreamedVideo`), with only a few chunks of frames in memory at a time.
+
+        The relevance is one softmax over all patches of the clip, so the first pass encodes the frames chunk by chunk
+        and keeps only their float32 logits, `frames x rows x columns` numbers. The second pass encodes the chunks
+        again and pools each temporal block as soon as the frames its windows read are there: the same groups of
+        frames, adapter segments and blocks as `_pool_clip`, so the same numbers, for about one more vision-tower run.
+        """
+        relevance = self._stream_relevance(video, prompt)
+        chunk = self.config.vision_chunk_frames or STREAM_CHUNK_FRAMES
+        features = _StreamedFeatures(self, video)
+        if plan.kernel[0] <= chunk:
+            blocks = [
+                self._pool_block(features.frames(frames.start, frames.stop), relevance[:, frames], block_plan)
+                for _, frames, block_plan in plan.temporal_blocks(_output_frames_per_chunk(plan, chunk))
+            ]
+        else:
+            blocks = [self._pool_long_window(features, relevance, plan, index, chunk) for index in range(plan.output_size[0])]
+        return relevance[0], torch.cat(blocks, dim=1)[0]
+
+    def _pool_long_window(
+        self, features: "_StreamedFeatures", relevance: torch.Tensor, plan: PoolingPlan, index: int, chunk: int
+    ) -> torch.Tensor:
+        """Tokens `(1, 1, rows, cols, text_hidden)` of the `index`-th output frame of a window longer than `chunk`
+        frames, pooled `chunk` frames at a time: each part is pooled with its own softmax, then the parts are averaged
+        with the share of the window's softmax normaliser each holds (`exp(logsumexp(part) - logsumexp(window))`),
+        which is the window's softmax exactly. `linear_2` (affine) runs once, on the combined tokens."""
+        projector = self.multi_modal_projector
+        temperature = projector.pooling.temperature
+        first = index * plan.stride[0]
+        stop = first + plan.kernel[0]
+        normalisers, parts = [], []
+        for start in range(first, stop, chunk):
+            end = min(start + chunk, stop)
+            part_plan = replace(plan, kernel=(end - start, *plan.kernel[1:]), output_size=(1, *plan.output_size[1:]))
+            hidden = projector.act(projector.linear_1(features.frames(start, end)))
+            part_relevance = relevance[:, start:end]
+            normalisers.append(_window_log_normalisers(part_relevance, part_plan, temperature))
+            parts.append(prompt_guided_pool(hidden, part_relevance, part_plan, temperature).float())
+        shares = torch.softmax(torch.stack(normalisers), dim=0)[..., None]
+        pooled = sum(share * part for share, part in zip(shares, parts))
+        return projector.linear_2(pooled.to(projector.linear_2.weight.dtype))
+
+    def _stream_groups(self, video) -> list[tuple[int, int, int]]:
+        """The groups of frames `encode_frames` would encode together for the whole video, at most a chunk each."""
+        if torch.is_grad_enabled():
+            raise ValueError(
+                "Streamed videos are encoded twice without keeping their features, so gradients cannot flow through "
+                "them: run under torch.no_grad() (generate does), or pass decoded pixels (stream_min_frames=0) to train."
+            )
+        chunk = self.config.vision_chunk_frames or STREAM_CHUNK_FRAMES
+        return self._encoding_groups([len(video)], bool(self._btadapter_state_indices()), chunk)
+
+    def _encode_streamed_group(self, video, group: tuple[int, int, int]) -> tuple[int, torch.Tensor]:
+        """First frame and selected features `(1, frames, rows, cols, dim)` of one group of a streamed video."""
+        start, num_segments, segment_frames = group
+        frames = _FrameRange(video, start, start + num_segments * segment_frames, self)
+        features = self.encode_frames(frames, [segment_frames] * num_segments).last_hidden_state
+        return start, features.unflatten(1, self.config.patch_grid)[None]
+
+    def _stream_relevance(self, video, prompt: torch.Tensor) -> torch.Tensor:
+        """`_relevance` of a streamed video: its frames scored a group at a time, keeping only the float32 logits."""
+        logits = [
+            self.prompt_alignment.logits(self._encode_streamed_group(video, group)[1], prompt[None])
+            for group in self._stream_groups(video)
+        ]
+        logits = torch.cat(logits, dim=1)
+        return torch.softmax(logits.flatten(1), dim=-1).view_as(logits)
 
     def _clip_list(self, pixel_values: torch.Tensor | list[torch.Tensor], name: str) -> list[torch.Tensor]:
         """Clips `(frames, 3, H, W)`, checked, from a 5-D tensor or a list: the videos of `pixel_values_videos`, or the
@@ -922,7 +1004,14 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim != 5:
             items = "videos, frames" if name == "pixel_values_videos" else "groups, images"
             raise ValueError(f"{name} must be ({items}, 3, height, width), got shape {tuple(pixel_values.shape)}.")
-        check_pixel_batch(pixel_values, name, self.config.vision_config.image_size)
+        if isinstance(pixel_values, torch.Tensor) or not any(map(is_streamed_video, pixel_values)):
+            check_pixel_batch(pixel_values, name, self.config.vision_config.image_size)
+            return list(pixel_values)
+        if name != "pixel_values_videos":
+            raise ValueError(f"Only videos can be streamed; pass {name} as tensors.")
+        for index, item in enumerate(pixel_values):
+            if not is_streamed_video(item):
+                check_pixel_values(item, f"{name}[{index}]", self.config.vision_config.image_size)
         return list(pixel_values)
 
     def _encode_clips(
@@ -958,7 +1047,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         Pooled visual tokens of each video: vision tower (+ BT-Adapter), relevance to its prompt, prompt-guided pooling.
 
         pixel_values_videos (`torch.Tensor` of shape `(videos, frames, 3, height, width)`, or a list of `(frames, 3, H, W)`):
-            The videos.
+            The videos. A list may also hold streamed videos (`StreamedVideo`, the video processor's output for a long
+            file): read a chunk of frames at a time and encoded in two passes to the same tokens, in bounded memory;
+            a call with one returns no `last_hidden_state` (see `_stream_clip`).
         clip_input_ids, clip_attention_mask (`torch.Tensor` of shape `(videos, prompt_length)`):
             One pooling prompt per video (tokenised by the prompt tokenizer).
         prompt_embeds (`torch.Tensor` of shape `(videos, prompt_dim)`, *optional*):
@@ -973,9 +1064,37 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         """
         videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, prompt_embeds)
-        plans = [self.video_pooling_plan(video.shape[0], max_visual_tokens) for video in videos]
-        output = self._encode_clips(videos, prompts, plans, *self._vision_output_flags(kwargs))
+        plans = [self.video_pooling_plan(len(video), max_visual_tokens) for video in videos]
+        if any(map(is_streamed_video, videos)):
+            output = self._encode_streamed_clips(videos, prompts, plans, *self._vision_output_flags(kwargs))
+        else:
+            output = self._encode_clips(videos, prompts, plans, *self._vision_output_flags(kwargs))
         return output
+
+    def _encode_streamed_clips(
+        self,
+        videos: list,
+        prompts: torch.Tensor,
+        plans: list[PoolingPlan],
+        output_hidden_states: bool,
+        output_attentions: bool,
+    ) -> PPLLaVAVisualOutput:
+        """`_encode_clips` for videos of which some are streamed: tokens and relevance only, since a streamed video's
+        features never exist all at once (`last_hidden_state` is None)."""
+        if output_hidden_states or output_attentions:
+            raise ValueError(
+                "A streamed video keeps no vision features, so output_hidden_states / output_attentions cannot return "
+                "them: pass decoded pixels (the video processor's stream_min_frames=0) to get them."
+            )
+        tokens, relevance = [], []
+        for video, prompt, plan in zip(videos, prompts, plans):
+            if is_streamed_video(video):
+                clip_relevance, pooled = self._stream_clip(video, prompt, plan)
+            else:
+                clip_relevance, pooled = self._pool_clip(self.encode_frames(video, [len(video)]).last_hidden_state, prompt, plan)
+            tokens.append(pooled.flatten(0, 2))
+            relevance.append(clip_relevance)
+        return PPLLaVAVisualOutput(pooler_output=tokens, relevance=relevance)
 
     @can_return_tuple
     def get_multi_image_features(
@@ -1076,7 +1195,9 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
         videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
         prompts = self._prompts_for_items(len(videos), "video", clip_input_ids, clip_attention_mask, None)
         return [
-            self._relevance(self.encode_frames(video, [video.shape[0]]).last_hidden_state, prompt)[0]
+            self._stream_relevance(video, prompt)[0]
+            if is_streamed_video(video)
+            else self._relevance(self.encode_frames(video, [video.shape[0]]).last_hidden_state, prompt)[0]
             for video, prompt in zip(videos, prompts)
         ]
 
@@ -1200,7 +1321,7 @@ class PPLLaVAModel(PPLLaVAPreTrainedModel):
             outputs["image"] = _in_placeholder_order(image_parts)
         if pixel_values_videos is not None:
             videos = self._clip_list(pixel_values_videos, "pixel_values_videos")
-            counts = [self.video_pooling_plan(video.shape[0], max_visual_tokens).num_tokens for video in videos]
+            counts = [self.video_pooling_plan(len(video), max_visual_tokens).num_tokens for video in videos]
             mask = self._placeholder_mask(self.config.video_token_id, input_ids, inputs_embeds)
             rows = self._owner_rows(mask, counts, "video")
             outputs["video"] = _encode_once_each(
@@ -1361,7 +1482,7 @@ def _encode_once_each(
             (
                 earlier
                 for earlier in dict.fromkeys(representative)
-                if items[earlier].shape == item.shape and torch.equal(keys[earlier], key) and torch.equal(items[earlier], item)
+                if _same_pixels(items[earlier], item) and torch.equal(keys[earlier], key)
             ),
             index,
         )
@@ -1373,6 +1494,65 @@ def _encode_once_each(
         pooler_output=[encoded.pooler_output[i] for i in slot],
         relevance=[encoded.relevance[i] for i in slot],
     )
+
+
+class _StreamedFeatures:
+    """The selected features of a streamed video, encoded group by group on demand and dropped once behind: `frames`
+    must be asked for in increasing order, and only the groups covering the last request stay in memory."""
+
+    def __init__(self, model: "PPLLaVAModel", video):
+        self.model, self.video = model, video
+        self.pending = iter(model._stream_groups(video))
+        self.held: list[tuple[int, torch.Tensor]] = []
+
+    def frames(self, start: int, stop: int) -> torch.Tensor:
+        """Features `(1, stop - start, rows, cols, dim)` of frames `start` to `stop - 1`."""
+        self.held = [(first, features) for first, features in self.held if first + features.shape[1] > start]
+        while not self.held or self.held[-1][0] + self.held[-1][1].shape[1] < stop:
+            self.held.append(self.model._encode_streamed_group(self.video, next(self.pending)))
+        first = self.held[0][0]
+        window = self.held[0][1] if len(self.held) == 1 else torch.cat([features for _, features in self.held], dim=1)
+        return window[:, start - first : stop - first]
+
+
+def _window_log_normalisers(relevance: torch.Tensor, plan: PoolingPlan, temperature: float) -> torch.Tensor:
+    """`logsumexp(relevance / temperature)` over each window of `plan`, `(batch, *output_size)` float32: the log of the
+    softmax normaliser `prompt_guided_pool` divides each window by."""
+    offsets = itertools.product(*(range(k) for k in plan.kernel))
+    logits = torch.stack([_window_slice(relevance, offset, plan) for offset in offsets]).float() / temperature
+    return torch.logsumexp(logits, dim=0)
+
+
+class _FrameRange:
+    """Frames `start` to `stop - 1` of a streamed video, read (and checked, and moved to the model's device) only when
+    `encode_frames` slices them: the vision tower then holds the pixels of one `vision_chunk_frames` chunk at a time,
+    even in a BT-Adapter segment longer than that."""
+
+    def __init__(self, video, start: int, stop: int, model: "PPLLaVAModel"):
+        self.video, self.start, self.stop, self.model = video, start, stop, model
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, frames: slice) -> torch.Tensor:
+        first, last, _ = frames.indices(len(self))
+        pixels = self.video[self.start + first : self.start + last]
+        where = f"frames {self.start + first} to {self.start + last - 1} of a streamed video"
+        check_pixel_values(pixels, where, self.model.config.vision_config.image_size)
+        return pixels.to(self.model.vision_tower.device)
+
+
+def is_streamed_video(item) -> bool:
+    """Whether a video is a frame source read chunk by chunk (a `StreamedVideo`: it has a length and gives the pixels
+    `(frames, 3, H, W)` of a slice of its frames) rather than a pixel tensor."""
+    return not isinstance(item, (torch.Tensor, np.ndarray)) and hasattr(item, "__len__") and hasattr(item, "__getitem__")
+
+
+def _same_pixels(first, second) -> bool:
+    """Two pixel tensors holding the same values, or one streamed video twice."""
+    if is_streamed_video(first) or is_streamed_video(second):
+        return first is second
+    return first.shape == second.shape and torch.equal(first, second)
 
 
 def _multi_image_rows(

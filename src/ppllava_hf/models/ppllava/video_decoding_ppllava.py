@@ -605,6 +605,61 @@ def _decode_file(reader: PyAVVideoReader, sampling: _Sampling) -> tuple[np.ndarr
     return frames, metadata
 
 
+class SampledVideoFile:
+    """The frames PPLLaVA samples from a video file, read on demand a slice at a time (`read(start, stop)`), for a
+    video too long to hold decoded at once.
+
+    The sampled indices, and the recovery from a frame count its header overstates, are `decode_video`'s: the last
+    sampled frame is decoded on opening, and a file that ends before it is counted packet by packet, refused when
+    truncated and sampled again otherwise. The file stays open until `close()`. Only files with video frames; folders
+    of frame images and image files go through `decode_video`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_frames: int | None = 32,
+        fps: float | None = None,
+        start_time: float | None = None,
+        end_time: float | None = None,
+        max_frames: int | None = None,
+        frame_sampling: FrameSampling = "middle",
+    ):
+        if os.path.isdir(path):
+            raise VideoDecodingError(f"{os.fspath(path)!r} is a folder of frame images: read it with decode_video.")
+        sampling = _Sampling(num_frames, fps, start_time, end_time, max_frames, frame_sampling)
+        self._reader = PyAVVideoReader(path)
+        if self._reader.is_image:
+            self.close()
+            raise VideoDecodingError(f"{os.fspath(path)!r} is an image file: read it with decode_video.")
+        self.indices = sampling.indices(self._reader.total_num_frames, self._reader.fps)
+        try:
+            last, _ = self._reader.read(self.indices[-1:])
+        except _EndOfStream:
+            self._reader.total_num_frames = self._reader.count_packets()
+            problem = self._reader.truncation()
+            if problem:
+                self.close()
+                raise VideoDecodingError(problem) from None
+            self.indices = sampling.indices(self._reader.total_num_frames, self._reader.fps)
+            last, _ = self._reader.read(self.indices[-1:])
+        reader = self._reader
+        self.metadata = PPLLaVAVideoMetadata(
+            total_num_frames=reader.total_num_frames, fps=reader.fps, width=last.shape[2], height=last.shape[1],
+            duration=reader.duration, video_backend="pyav", frames_indices=self.indices,
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """RGB frames `(frames, height, width, 3)` uint8 of the sampled frames `start` to `stop - 1`."""
+        return self._reader.read(self.indices[start:stop])[0]
+
+    def close(self) -> None:
+        self._reader.close()
+
+
 def _read_sampled(reader: PyAVVideoReader, sampling: _Sampling) -> tuple[list[int], np.ndarray, list[float]]:
     indices = sampling.indices(reader.total_num_frames, reader.fps)
     frames, timestamps = reader.read(indices)

@@ -5,9 +5,10 @@ resized as the original does for each vision tower: squashed to the square input
 the square input of SigLIP (384, aspect kept, black bars).
 """
 
+import functools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -24,6 +25,8 @@ from .video_decoding_ppllava import (
     MAX_URL_BYTES,
     FrameSampling,
     PPLLaVAVideoMetadata,
+    PyAVVideoReader,
+    SampledVideoFile,
     decode_video,
     read_frame_image,
     sample_frame_indices,
@@ -55,6 +58,11 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     frame_sampling (`"middle"` or `"random"`):
         Which frame of each segment is sampled: the middle one (PPLLaVA's rule at inference, the default) or a random
         one, as the original's training data loading draws them (see `random_segment_indices`); for training only.
+    stream_min_frames (`int`):
+        A video file sampled to at least this many frames is streamed: its `pixel_values_videos` entry is a
+        [`StreamedVideo`] that decodes and preprocesses a slice of frames when the model reads it, so neither its
+        decoded frames nor its pixels are ever all in memory. The model encodes a streamed video in two passes (about
+        one more vision-tower run) to the same tokens. 0 never streams.
     """
 
     resize_mode: Literal["squash", "letterbox"]
@@ -65,6 +73,34 @@ class PPLLaVAVideosKwargs(VideosKwargs, total=False):
     max_num_frames: int
     max_url_bytes: int
     frame_sampling: FrameSampling
+    stream_min_frames: int
+
+
+class StreamedVideo:
+    """`pixel_values_videos` of one video file, decoded and preprocessed only when a slice of it is read.
+
+    `len(video)` is its number of sampled frames; `video[start:stop]` decodes those frames and returns their float32
+    pixels `(frames, 3, height, width)`, the same numbers as the in-memory path; `metadata` describes the sampling
+    (timestamps are index / fps: no frame is decoded before the model reads it). The model reads each frame twice.
+    """
+
+    def __init__(self, file: SampledVideoFile, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.file = file
+        self.transform = transform
+        self.metadata = file.metadata
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def __getitem__(self, frames: slice) -> torch.Tensor:
+        if not isinstance(frames, slice) or frames.step not in (None, 1):
+            raise TypeError(f"A StreamedVideo is read by contiguous slices of frames (video[start:stop]), got {frames!r}.")
+        start, stop, _ = frames.indices(len(self))
+        return self.transform(to_uint8_rgb_frames(self.file.read(start, stop)))
+
+    def close(self) -> None:
+        """Close the file (the object cannot be read afterwards)."""
+        self.file.close()
 
 
 class PPLLaVAVideoProcessor(VideoProcessorMixin):
@@ -103,6 +139,8 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
     max_num_frames = 2048
     max_url_bytes = MAX_URL_BYTES
     frame_sampling = "middle"
+    # Measured with benchmarks/bench_long_video.py: see the README's "Long videos".
+    stream_min_frames = 256
     return_metadata = False
     frames_per_chunk = 8
 
@@ -150,10 +188,17 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             max_num_frames=options["max_num_frames"],
             frame_sampling=options["frame_sampling"],
             max_url_bytes=options["max_url_bytes"],
+            stream_min_frames=options["stream_min_frames"],
         )
-        pixel_values = [self.transform(clip, **options) for clip in clips]
-        if len({tuple(video.shape) for video in pixel_values}) == 1:
+        transform = functools.partial(self.transform, **options)
+        pixel_values = [
+            StreamedVideo(clip, transform) if isinstance(clip, SampledVideoFile) else transform(clip) for clip in clips
+        ]
+        streamed = any(isinstance(video, StreamedVideo) for video in pixel_values)
+        if not streamed and len({tuple(video.shape) for video in pixel_values}) == 1:
             pixel_values = torch.stack(pixel_values)
+        if streamed and options["return_tensors"] == "np":
+            raise ValueError("Streamed videos are read by the model as torch tensors: use return_tensors='pt'.")
         if options["return_tensors"] == "np":
             pixel_values = pixel_values.numpy() if isinstance(pixel_values, torch.Tensor) else [v.numpy() for v in pixel_values]
         data = {"pixel_values_videos": pixel_values}
@@ -173,12 +218,14 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
         max_num_frames: int | None = None,
         frame_sampling: FrameSampling | None = None,
         max_url_bytes: int | None = None,
-    ) -> tuple[list[torch.Tensor], list[PPLLaVAVideoMetadata]]:
+        stream_min_frames: int = 0,
+    ) -> tuple[list[torch.Tensor | SampledVideoFile], list[PPLLaVAVideoMetadata]]:
         """uint8 frames `(T, 3, H, W)` and metadata of every video (see `canonical_videos` for the accepted nestings):
         files decoded and sampled, frame arrays converted (and sampled when `do_sample_frames=True`); a sampling
         request for more than `max_num_frames` frames (default: the processor's) is refused before decoding, and
         `frame_sampling` (default: the processor's) picks the frame of each segment. A video given by URL (`data:`,
-        `file://`, `http(s)://`) may have at most `max_url_bytes` (default: the processor's)."""
+        `file://`, `http(s)://`) may have at most `max_url_bytes` (default: the processor's). A video file sampled to
+        at least `stream_min_frames` frames (0: never) is returned opened, not decoded (a [`SampledVideoFile`])."""
         max_num_frames = max_num_frames or self.max_num_frames
         frame_sampling = frame_sampling or self.frame_sampling
         videos = canonical_videos(videos)
@@ -192,7 +239,13 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
             is_file = isinstance(video, (str, os.PathLike))
             sample = do_sample_frames is not False if is_file else do_sample_frames is True
             count, rate = (num_frames, fps) if sample else (None, None)
-            if is_file:
+            streamable = is_file and sample and bool(stream_min_frames) and not os.path.isdir(video)
+            opened = _open_long_video(
+                video, stream_min_frames, count, rate, start, end, max_num_frames, frame_sampling
+            ) if streamable else None
+            if opened is not None:
+                clip, meta = opened, opened.metadata
+            elif is_file:
                 frames, meta = decode_video(
                     video, count, rate, start, end, max_frames=max_num_frames, frame_sampling=frame_sampling,
                     max_url_bytes=max_url_bytes or self.max_url_bytes,
@@ -237,6 +290,22 @@ class PPLLaVAVideoProcessor(VideoProcessorMixin):
                 chunk = (chunk - mean) / std
             outputs.append(chunk)
         return torch.cat(outputs)
+
+
+def _open_long_video(
+    path: str, min_frames: int, num_frames: int | None, fps: float | None, *sampling
+) -> SampledVideoFile | None:
+    """The file opened for streaming when it is sampled to at least `min_frames` frames, else None (decode it whole)."""
+    if num_frames is not None and num_frames < min_frames:
+        return None  # known without opening the file
+    with PyAVVideoReader(path) as reader:
+        if reader.is_image:
+            return None
+    file = SampledVideoFile(path, num_frames, fps, *sampling)
+    if len(file) >= min_frames:
+        return file
+    file.close()
+    return None
 
 
 def frame_size(size) -> tuple[int, int]:
@@ -413,4 +482,4 @@ def _array_metadata(num_frames: int, frame_size: tuple[int, int], metadata) -> P
     return PPLLaVAVideoMetadata(**{**known, "frames_indices": None, "frame_timestamps": None})
 
 
-__all__ = ["PPLLaVAVideoProcessor"]
+__all__ = ["PPLLaVAVideoProcessor", "StreamedVideo"]
