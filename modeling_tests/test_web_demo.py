@@ -67,8 +67,8 @@ def browser():
         pytest.skip("No Chromium to drive: install Debian's `chromium` package (apt-get install chromium), as .ci/run "
                     "does.")
     sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="Playwright is part of the dev extra: pip install -e '.[dev]'")
-    pytest.importorskip("gradio", reason="Gradio is part of the demo and dev extras: pip install -e '.[dev]'")
+                                   reason="Playwright drives the browser test: pip install -e '.[demo]' playwright")
+    pytest.importorskip("gradio", reason="Gradio is the demo extra's: pip install -e '.[demo]' playwright")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
         yield browser
@@ -78,7 +78,7 @@ def browser():
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """The demo served on 127.0.0.1 with the embedded default, as `python app.py` starts it (the Space's command)."""
-    pytest.importorskip("gradio", reason="Gradio is part of the demo and dev extras: pip install -e '.[dev]'")
+    pytest.importorskip("gradio", reason="Gradio is the demo extra's: pip install -e '.[demo]' playwright")
     port = free_port()
     workdir = tmp_path_factory.mktemp("web-demo")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(workdir / "gradio")}
@@ -172,7 +172,7 @@ def test_the_page_answers_shows_where_and_when_repools_and_reports_a_corrupt_fil
 @pytest.fixture(scope="module")
 def demo():
     """The demo's handlers in this process, on the embedded default (no server, no browser)."""
-    pytest.importorskip("gradio", reason="Gradio is part of the demo and dev extras: pip install -e '.[dev]'")
+    pytest.importorskip("gradio", reason="Gradio is the demo extra's: pip install -e '.[demo]' playwright")
     sys.path.insert(0, str(ROOT / "examples"))
     import web_demo
 
